@@ -1,0 +1,1 @@
+"""Engines: gradients and Jacobians, the NTK, the training loop."""
