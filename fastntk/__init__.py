@@ -29,6 +29,7 @@ _EXPORTS = {
     "jacobian": "fastntk.engines.backprop",
     "loss_and_gradient": "fastntk.engines.backprop",
     "ntk": "fastntk.engines.ntk",
+    "ntk_flops": "fastntk.engines.ntk",
     "train": "fastntk.engines.train",
     "load_checkpoint": "fastntk.engines.train",
 }
