@@ -32,6 +32,8 @@ _EXPORTS = {
     "ntk_flops": "fastntk.engines.ntk",
     "train": "fastntk.engines.train",
     "load_checkpoint": "fastntk.engines.train",
+    "save_params": "fastntk.model.io",
+    "load_params": "fastntk.model.io",
 }
 # public submodules reachable as attributes
 _SUBMODULES = {
@@ -39,6 +41,7 @@ _SUBMODULES = {
     "reference": "fastntk.kernels.reference",
     "theory": "fastntk.theory",
     "data": "fastntk.data",
+    "interop": "fastntk.interop",
 }
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])

@@ -1,0 +1,168 @@
+"""``fastntk ntk``: one kernel to a ``.npy`` file, with its shape, time and memory.
+
+The samples are the first ``--n`` rows (and the next ``--n2`` rows for a cross
+kernel) of a seeded permutation of the data.  The result is written with
+``numpy.save``, or computed straight into a ``.npy`` memory map with ``--memmap``
+(for kernels larger than memory; readable with ``numpy.load(path,
+mmap_mode="r")``), or tiled over a Dask cluster with ``--cluster`` or
+``--workers``.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import fastntk
+from fastntk import data as datasets
+
+logger = logging.getLogger(__name__)
+
+
+def kernel_samples(cfg):
+    """(x1, x2 or None, n_out) of the ``ntk`` command's options."""
+    n, n2, seed, dtype = cfg["n"], cfg["n2"], cfg["seed"], cfg["dtype"]
+    source = cfg["data"]
+    if source == "teacher":
+        x, y = datasets.teacher_student(
+            n + n2, noise=cfg["noise"], seed=seed, dtype=dtype
+        )
+    elif source == "digits":
+        x, y = datasets.digits(dtype=dtype)
+    else:
+        x, y = datasets.load(source, target_columns=cfg["target_columns"], dtype=dtype)
+    if n + n2 > x.shape[0]:
+        raise ValueError(
+            f"--n, --n2: expected n + n2 <= {x.shape[0]} (the samples of "
+            f"{source!r}), received {n} + {n2}"
+        )
+
+    # outputs: one per class for labels, one per target column otherwise
+    if cfg["n_out"] is not None:
+        n_out = cfg["n_out"]
+    elif y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        n_out = int(y.max()) + 1
+    else:
+        n_out = 1 if y.ndim == 1 else int(y.shape[1])
+
+    # a seeded choice of samples
+    order = np.random.default_rng(seed).permutation(x.shape[0])
+    x1 = np.ascontiguousarray(x[order[:n]])
+    x2 = np.ascontiguousarray(x[order[n : n + n2]]) if n2 else None
+    return x1, x2, n_out
+
+
+def _peak_rss_bytes() -> int:
+    # Peak resident memory of this process (ru_maxrss: KiB on Linux, B on macOS).
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _mib(n) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def command(cfg) -> int:
+    """``fastntk ntk``: compute the kernel, write it, print one line about it."""
+    from fastntk._config import thread_limit
+    from fastntk.engines.ntk import ntk_shape
+
+    out = Path(cfg["out"])
+    if out.suffix != ".npy":
+        raise ValueError(f"--out: expected a .npy file name, received {str(out)!r}")
+    x1, x2, n_out = kernel_samples(cfg)
+    widths = [x1.shape[1], *cfg["hidden"], n_out]
+    net = fastntk.MLP(
+        widths,
+        activation=cfg["activation"],
+        C_b=cfg["C_b"],
+        C_W=cfg["C_W"],
+        slope=cfg["slope"],
+    )
+    params = net.init(seed=cfg["seed"], dtype=cfg["dtype"])
+    rates = fastntk.rates.layerwise(net, cfg["lambda_b"], cfg["lambda_W"])
+    P2 = x1.shape[0] if x2 is None else x2.shape[0]
+    shape = ntk_shape(net, x1.shape[0], P2, outputs=cfg["outputs"])
+    nbytes = int(np.prod(shape)) * params.dtype.itemsize
+
+    # the destination: opened before the work, so that a bad path fails early
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if cfg["memmap"]:
+            target = np.lib.format.open_memmap(
+                out, mode="w+", dtype=params.dtype, shape=shape
+            )
+        else:
+            target = None
+            with open(out, "ab"):
+                pass
+    except OSError as exc:
+        raise OSError(
+            f"--out: cannot write {str(out)!r}: {exc.strerror or exc}; choose "
+            f"another path with --out"
+        ) from None
+    logger.info(
+        "fastntk ntk: %s, kernel of shape %s (%s) -> %s", net, shape, _mib(nbytes), out
+    )
+
+    # the kernel: tiled over a cluster, or on this machine
+    start = time.perf_counter()
+    with thread_limit(cfg["threads"]):
+        if cfg["cluster"] is not None or cfg["workers"] is not None:
+            H = _distributed(cfg, net, params, x1, x2, rates, target, out)
+        else:
+            H = fastntk.ntk(
+                net,
+                params,
+                x1,
+                x2,
+                rates=rates,
+                outputs=cfg["outputs"],
+                memory_limit=cfg["memory_limit"],
+                out=target,
+                threads=cfg["threads"],
+            )
+    seconds = time.perf_counter() - start
+
+    # write (or flush the memory map)
+    if target is not None:
+        target.flush()
+        del target
+    elif H is not None:
+        np.save(out, np.asarray(H))
+    print(
+        f"fastntk ntk: shape {shape} {params.dtype} ({cfg['outputs']}) in "
+        f"{seconds:.3f} s, output {_mib(nbytes)}, peak memory "
+        f"{_mib(_peak_rss_bytes())}, written to {out}"
+    )
+    return 0
+
+
+def _distributed(cfg, net, params, x1, x2, rates, target, out):
+    """The kernel tiled over a Dask cluster (fastntk.distributed)."""
+    try:
+        from fastntk import distributed
+    except ImportError as exc:
+        raise ImportError(
+            f"--cluster/--workers need fastntk.distributed and Dask "
+            f"(pip install 'fastntk[dask]'): {exc}"
+        ) from None
+    return distributed.cli_ntk(
+        net,
+        params,
+        x1,
+        x2,
+        rates=rates,
+        outputs=cfg["outputs"],
+        address=cfg["cluster"],
+        workers=cfg["workers"],
+        out=target,
+        path=out,
+        threads=cfg["threads"],
+        progress=not cfg["quiet"],
+    )

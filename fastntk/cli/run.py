@@ -1,0 +1,559 @@
+"""``fastntk run``: the main job, from data to a report folder.
+
+The job, step by step:
+
+1. data: the embedded digits (default), teacher-student data or the user's file,
+   split into training and test sets;
+2. network: an MLP at initialization and a layerwise learning-rate tensor;
+3. kernel: the NTK on the training set and between test and training sets, its
+   eigenvalues (which also give the automatic learning rate 1 / lambda_max);
+4. one step: the output change predicted by the kernel, -lr H eps, against the
+   actual change after one gradient step, on training and test inputs, and the
+   order of the residual (halving lr should divide it by about four);
+5. training: gradient descent (or SGD) with train/test losses, accuracies, and
+   snapshots of the kernel to measure its relative drift;
+6. linearized model (MSE with full-batch descent): the outputs of gradient
+   descent with the kernel frozen at initialization, on the same steps;
+7. the report: ``report.json``, ``arrays.npz`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+
+import fastntk
+from fastntk import data as datasets
+from fastntk.cli.progress import NullProgress, Progress
+
+logger = logging.getLogger(__name__)
+
+#: Largest kernel matrix (P * n_out rows) that is diagonalized for the spectrum,
+#: the automatic learning rate and the linearized model.
+MAX_EIGEN_ROWS = 6000
+
+
+class Timer:
+    """Wall-clock seconds of the job's phases, in order."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    def __call__(self, name):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = time.perf_counter() - self.start
+                return False
+
+        return _Phase()
+
+
+def load_dataset(cfg) -> datasets.Dataset:
+    """The :class:`fastntk.data.Dataset` described by the options."""
+    source, seed, dtype = cfg["data"], cfg["seed"], cfg["dtype"]
+    n_train, n_test = cfg["n_train"], cfg["n_test"]
+    if source == "digits":
+        x, labels = datasets.digits(dtype=dtype)
+        task = "classification" if cfg["task"] == "auto" else cfg["task"]
+        return datasets.prepare(
+            x,
+            labels,
+            name="digits",
+            n_train=n_train,
+            n_test=n_test,
+            task=task,
+            seed=seed,
+            dtype=dtype,
+        )
+    if source == "teacher":
+        x, y = datasets.teacher_student(
+            n_train + n_test, noise=cfg["noise"], seed=seed, dtype=dtype
+        )
+        return datasets.prepare(
+            x,
+            y,
+            name="teacher-student",
+            n_train=n_train,
+            n_test=n_test,
+            task="regression",
+            seed=seed,
+            dtype=dtype,
+        )
+    x, y = datasets.load(source, target_columns=cfg["target_columns"], dtype=dtype)
+    n_test = min(n_test, x.shape[0] - min(n_train, x.shape[0] - 1))
+    n_train = min(n_train, x.shape[0] - 1)
+    if (n_train, n_test) != (cfg["n_train"], cfg["n_test"]):
+        logger.warning(
+            "%s has %d samples: using %d for training and %d for testing",
+            source,
+            x.shape[0],
+            n_train,
+            n_test,
+        )
+    return datasets.prepare(
+        x,
+        y,
+        name=str(source),
+        n_train=n_train,
+        n_test=n_test,
+        task=cfg["task"],
+        seed=seed,
+        dtype=dtype,
+    )
+
+
+def run_job(cfg, *, show_progress=False) -> dict:
+    """Run the main job and return every result (numbers and arrays).
+
+    Parameters
+    ----------
+    cfg : dict
+        Resolved options of ``fastntk run`` (see :mod:`fastntk.cli.config`).
+    show_progress : bool
+        Draw progress bars on standard error.
+
+    Returns
+    -------
+    dict
+        ``"report"``: JSON-ready numbers; ``"arrays"``: arrays for the plots.
+    """
+    timer = Timer()
+    report, arrays = {}, {}
+
+    # 1. data
+    with timer("data"):
+        ds = load_dataset(cfg)
+    report["data"] = ds.describe()
+    if cfg["loss"] == "cross_entropy" and ds.task != "classification":
+        raise ValueError(
+            "--loss: cross_entropy needs class labels (classification data), "
+            f"received regression targets from {ds.name!r}; use --loss mse"
+        )
+    logger.debug("data %s", report["data"])
+
+    # 2. network, learning-rate tensor, loss
+    widths = [ds.n_in, *cfg["hidden"], ds.n_out]
+    net = fastntk.MLP(
+        widths,
+        activation=cfg["activation"],
+        C_b=cfg["C_b"],
+        C_W=cfg["C_W"],
+        slope=cfg["slope"],
+    )
+    params0 = net.init(seed=cfg["seed"], dtype=cfg["dtype"])
+    rates = fastntk.rates.layerwise(net, cfg["lambda_b"], cfg["lambda_W"])
+    loss_cls = fastntk.MSE if cfg["loss"] == "mse" else fastntk.CrossEntropy
+    loss = loss_cls(reduction=cfg["reduction"])
+    report["network"] = {
+        "widths": widths,
+        "activation": net.activation,
+        "slope": net.slope,
+        "C_b": net.C_b.tolist(),
+        "C_W": net.C_W.tolist(),
+        "n_params": net.n_params,
+        "rates": {
+            "kind": "layerwise",
+            "lambda_b": cfg["lambda_b"],
+            "lambda_W": cfg["lambda_W"],
+        },
+    }
+
+    # 3. the kernel at initialization: train x train and test x train
+    with timer("ntk"):
+        H_AA = fastntk.ntk(net, params0, ds.x_train, rates=rates)
+        H_BA = fastntk.ntk(net, params0, ds.x_test, ds.x_train, rates=rates)
+    P = ds.x_train.shape[0]
+    H_mat = _as_matrix(H_AA)
+    with timer("spectrum"):
+        eig, V = _eigen(H_mat)
+    H_trace = np.einsum("abii->ab", H_AA)
+    report["ntk"] = _kernel_stats(H_AA, H_trace, eig)
+    arrays["ntk_trace"] = H_trace
+    arrays["eigenvalues"] = eig if eig is not None else np.zeros(0)
+
+    # learning rate: 1 / largest eigenvalue of the kernel under the loss's scale
+    scale = loss.scale(P)
+    if cfg["lr"] is None:
+        lam_max = float(eig[-1]) if eig is not None else _power_max(H_mat)
+        lr = 1.0 / (lam_max * scale)
+        lr_source = "auto: 1 / (largest NTK eigenvalue x loss scale)"
+    else:
+        lr, lr_source = cfg["lr"], "given"
+    report["lr"] = {"value": lr, "source": lr_source, "loss_scale": scale}
+
+    # 4. one step predicted through the kernel vs the actual step
+    with timer("one_step"):
+        step_report, step_arrays = _one_step_check(
+            net, params0, ds, loss, rates, lr, H_AA, H_BA
+        )
+    report["one_step"] = step_report
+    arrays.update(step_arrays)
+
+    # 5. training with losses, accuracies and kernel snapshots
+    with timer("train"):
+        trained, history, train_info = _train(
+            cfg, net, params0, ds, loss, rates, lr, show_progress
+        )
+    report["training"] = train_info
+    arrays["step"] = history.step
+    arrays["train_loss"] = history.train_loss
+    arrays["test_loss"] = history.test_loss
+    arrays["drift_step"] = history.ntk_step
+    arrays["kernel_drift"] = history.kernel_drift
+    for name, values in history.observables.items():
+        arrays[name] = np.asarray(values, dtype=np.float64)
+
+    # 6. the linearized model on the same steps
+    with timer("linearized"):
+        lin_report, lin_arrays = _linearized(
+            cfg, net, params0, ds, loss, lr, (eig, V), H_BA, history.step
+        )
+    report["linearized"] = lin_report
+    arrays.update(lin_arrays)
+
+    # sorting key of the heatmap: class label, else the first target
+    key = ds.labels_train if ds.labels_train is not None else ds.y_train[:, 0]
+    arrays["order"] = np.argsort(key, kind="stable")
+    arrays["sorted_key"] = np.asarray(key)[arrays["order"]]
+    report["timings_s"] = timer.seconds
+    return {"report": report, "arrays": arrays, "params": trained, "net": net}
+
+
+# -- the pieces of the job -----------------------------------------------------------
+
+
+def _as_matrix(H):
+    # (P1, P2, k, k) kernel as the (P1 k, P2 k) matrix acting on flat outputs.
+    P1, P2, k, _ = H.shape
+    return np.ascontiguousarray(H.transpose(0, 2, 1, 3)).reshape(P1 * k, P2 * k)
+
+
+def _eigen(H_mat):
+    # Ascending eigenvalues and eigenvectors of the kernel matrix, if small enough.
+    if H_mat.shape[0] > MAX_EIGEN_ROWS:
+        logger.info("kernel of %d rows: spectrum skipped", H_mat.shape[0])
+        return None, None
+    return np.linalg.eigh(H_mat.astype(np.float64))
+
+
+def _power_max(H_mat, iterations=100):
+    # Largest eigenvalue by power iteration, for kernels too large to diagonalize.
+    v = np.ones(H_mat.shape[0])
+    value = 0.0
+    for _ in range(iterations):
+        w = H_mat @ v
+        value = float(np.linalg.norm(w))
+        if value == 0.0:
+            return 1.0
+        v = w / value
+    return value
+
+
+def _kernel_stats(H, H_trace, eig):
+    stats = {
+        "shape": list(H.shape),
+        "trace_mean_diagonal": float(np.mean(np.diag(H_trace))),
+        "trace_mean_offdiagonal": float(
+            (H_trace.sum() - np.trace(H_trace))
+            / max(H_trace.size - H_trace.shape[0], 1)
+        ),
+        "symmetry_error": float(
+            np.abs(H - H.transpose(1, 0, 3, 2)).max() / max(np.abs(H).max(), 1e-300)
+        ),
+    }
+    if eig is not None:
+        stats.update(
+            eigenvalue_max=float(eig[-1]),
+            eigenvalue_min=float(eig[0]),
+            condition_number=float(eig[-1] / eig[0]) if eig[0] > 0 else math.inf,
+            effective_rank=float(eig.sum() ** 2 / np.sum(eig**2)),
+        )
+    return stats
+
+
+def _step_params(net, params, x, y, loss, rates, lr):
+    # Parameters after one full-batch step theta - lr * lambda dL/dtheta.
+    grad = fastntk.gradient(net, params, x, y, loss=loss)
+    step = rates.apply(net, grad)
+    return net.params(params.theta - params.dtype.type(lr) * step), grad, step
+
+
+def _one_step_check(net, params, ds, loss, rates, lr, H_AA, H_BA):
+    """Predicted output change -lr H eps against the actual step's change."""
+    z0_tr = net.apply(params, ds.x_train)
+    z0_te = net.apply(params, ds.x_test)
+    value0, eps = loss.value_and_error(z0_tr, ds.y_train)
+
+    # first-order predictions: delta z_d = -lr sum_b H[d, b] eps_b (outputs), and
+    # delta L = -lr g^T lambda g (loss)
+    unit_tr = -np.einsum("abij,bj->ai", H_AA, eps)
+    unit_te = -np.einsum("abij,bj->ai", H_BA, eps)
+
+    # actual changes after one step, at lr, lr/2, lr/4 (order of the residual)
+    residuals, rows = [], {}
+    for factor in (1.0, 0.5, 0.25):
+        eta = lr * factor
+        p1, grad, step = _step_params(
+            net, params, ds.x_train, ds.y_train, loss, rates, eta
+        )
+        d_tr = net.apply(p1, ds.x_train) - z0_tr
+        d_te = net.apply(p1, ds.x_test) - z0_te
+        actual = np.concatenate([d_tr.ravel(), d_te.ravel()])
+        predicted = eta * np.concatenate([unit_tr.ravel(), unit_te.ravel()])
+        residuals.append(float(np.linalg.norm(actual - predicted)))
+        if factor == 1.0:
+            rows = {
+                "pred_train": eta * unit_tr,
+                "actual_train": d_tr,
+                "pred_test": eta * unit_te,
+                "actual_test": d_te,
+            }
+            loss_pred = -eta * float(
+                np.dot(grad.astype(np.float64), step.astype(np.float64))
+            )
+            loss_pred_kernel = -eta * float(np.einsum("ai,abij,bj->", eps, H_AA, eps))
+            loss_actual = loss.value(net.apply(p1, ds.x_train), ds.y_train) - value0
+
+    # fitted exponent of residual ~ lr^p
+    lrs = np.log(np.array([1.0, 0.5, 0.25]) * lr)
+    res = np.log(np.maximum(residuals, 1e-300))
+    exponent = float(np.polyfit(lrs, res, 1)[0])
+
+    def rel(pred, act):
+        return float(np.linalg.norm(act - pred) / max(np.linalg.norm(act), 1e-300))
+
+    report = {
+        "lr": lr,
+        "relative_error_train": rel(rows["pred_train"], rows["actual_train"]),
+        "relative_error_test": rel(rows["pred_test"], rows["actual_test"]),
+        "loss_change_actual": loss_actual,
+        "loss_change_predicted_gradient": loss_pred,
+        "loss_change_predicted_kernel": loss_pred_kernel,
+        "residual_norms": dict(zip(["lr", "lr/2", "lr/4"], residuals, strict=True)),
+        "residual_order": exponent,
+        "source": "fastntk.ntk (-lr H eps) vs one gradient step",
+    }
+    return report, rows
+
+
+def _accuracy_observables(net, ds):
+    # Train and test accuracy on recorded steps (classification only).
+    if ds.labels_train is None:
+        return None
+
+    def accuracy(x, labels):
+        return lambda p: float(np.mean(np.argmax(net.apply(p, x), axis=1) == labels))
+
+    return {
+        "train_accuracy": accuracy(ds.x_train, ds.labels_train),
+        "test_accuracy": accuracy(ds.x_test, ds.labels_test),
+    }
+
+
+def _train(cfg, net, params0, ds, loss, rates, lr, show_progress):
+    """Train with fastntk.train: losses, accuracies, kernel snapshots."""
+    steps = cfg["steps"]
+    drift_every = cfg["drift_every"] or max(steps // 10, 1)
+    drift_samples = ds.x_train[: cfg["drift_samples"]]
+    bar = Progress(steps, "training") if show_progress else NullProgress()
+
+    def callback(step, params, history):
+        bar.update(step)
+        return False
+
+    with bar:
+        trained, history = fastntk.train(
+            net,
+            params0,
+            ds.x_train,
+            ds.y_train,
+            loss=loss,
+            lr=lr,
+            rates=rates,
+            steps=steps,
+            batch_size=cfg["batch_size"],
+            seed=cfg["seed"],
+            test=(ds.x_test, ds.y_test),
+            record_every=cfg["record_every"],
+            observables=_accuracy_observables(net, ds),
+            ntk_every=drift_every,
+            ntk_samples=drift_samples,
+            callback=callback,
+        )
+    history.ntk.clear()
+    info = {
+        "optimizer": "gd" if cfg["batch_size"] is None else "sgd",
+        "batch_size": cfg["batch_size"],
+        "steps": int(history.step[-1]),
+        "diverged": bool(history.diverged),
+        "diverged_step": history.diverged_step,
+        "train_loss_initial": float(history.train_loss[0]),
+        "train_loss_final": float(history.train_loss[-1]),
+        "test_loss_initial": float(history.test_loss[0]),
+        "test_loss_final": float(history.test_loss[-1]),
+        "kernel_drift_final": float(history.kernel_drift[-1]),
+        "drift_samples": int(drift_samples.shape[0]),
+        "drift_every": drift_every,
+        "history": {
+            "step": history.step.tolist(),
+            "train_loss": history.train_loss.tolist(),
+            "test_loss": history.test_loss.tolist(),
+            "drift_step": history.ntk_step.tolist(),
+            "kernel_drift": history.kernel_drift.tolist(),
+        },
+    }
+    for name, values in history.observables.items():
+        info["history"][name] = np.asarray(values, dtype=np.float64).tolist()
+        info[f"{name}_final"] = float(np.asarray(values)[-1])
+    return trained, history, info
+
+
+def _linearized(cfg, net, params0, ds, loss, lr, eigen, H_BA, steps):
+    """Outputs of gradient descent with the kernel frozen at initialization.
+
+    On the training set z(t) = y + (I - lr s H)^t (z(0) - y) with s the loss's
+    scale; on the test set z_B(t) = z_B(0) - lr s H_BA sum_{u<t} (z(u) - y).
+    Both through the eigendecomposition of H, so any t costs one product.
+    """
+    if cfg["loss"] != "mse" or cfg["batch_size"] is not None:
+        reason = "needs --loss mse and full-batch gradient descent"
+        return {"available": False, "reason": reason}, {}
+    lam, V = eigen
+    if lam is None:
+        return {"available": False, "reason": "kernel too large to diagonalize"}, {}
+
+    # eigenbasis of the training kernel and the initial residual in it
+    P, k = ds.y_train.shape
+    s = loss.scale(P)
+    lam = np.clip(lam, 0.0, None)
+    z0_tr = net.apply(params0, ds.x_train).astype(np.float64)
+    z0_te = net.apply(params0, ds.x_test).astype(np.float64)
+    y_tr = ds.y_train.astype(np.float64)
+    c = V.T @ (z0_tr - y_tr).ravel()
+    H_ba = _as_matrix(H_BA).astype(np.float64)
+    decay = 1.0 - lr * s * lam
+
+    # z(t) on the training set and the summed residuals that drive the test set
+    train_loss, test_loss, train_acc, test_acc = [], [], [], []
+    for t in np.asarray(steps, dtype=np.int64):
+        pw = decay**t
+        z_tr = y_tr + (V @ (pw * c)).reshape(P, k)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            summed = np.where(lr * s * lam > 0, (1.0 - pw) / (lr * s * lam), float(t))
+        z_te = z0_te - lr * s * (H_ba @ (V @ (summed * c))).reshape(-1, k)
+        train_loss.append(loss.value(z_tr, y_tr))
+        test_loss.append(loss.value(z_te, ds.y_test.astype(np.float64)))
+        if ds.labels_train is not None:
+            train_acc.append(float(np.mean(z_tr.argmax(1) == ds.labels_train)))
+            test_acc.append(float(np.mean(z_te.argmax(1) == ds.labels_test)))
+
+    report = {
+        "available": True,
+        "source": "eigendecomposition of the NTK at initialization",
+        "train_loss_final": float(train_loss[-1]),
+        "test_loss_final": float(test_loss[-1]),
+        "history": {"train_loss": train_loss, "test_loss": test_loss},
+    }
+    arrays = {
+        "lin_train_loss": np.asarray(train_loss),
+        "lin_test_loss": np.asarray(test_loss),
+    }
+    if train_acc:
+        report["history"].update(train_accuracy=train_acc, test_accuracy=test_acc)
+        report["test_accuracy_final"] = test_acc[-1]
+        arrays["lin_test_accuracy"] = np.asarray(test_acc)
+    return report, arrays
+
+
+# -- the command ----------------------------------------------------------------------
+
+
+def command(cfg) -> int:
+    """``fastntk run``: run the job, write the report folder, print the summary."""
+    from fastntk._config import thread_limit
+    from fastntk.cli import report as reporting
+    from fastntk.model.io import save_params
+
+    # fail early on an output folder that cannot be written
+    folder = reporting.check_output_folder(cfg["out"])
+    plots = cfg["plots"]
+    if plots and not reporting.have_matplotlib():
+        logger.warning(
+            "matplotlib is not installed: writing report.json without plots; "
+            "install it with pip install 'fastntk[report]'"
+        )
+        plots = False
+
+    # the job itself
+    start = time.perf_counter()
+    logger.info(
+        "fastntk run: %s data, %d steps, report in %s",
+        cfg["data"],
+        cfg["steps"],
+        folder,
+    )
+    with thread_limit(cfg["threads"]):
+        result = run_job(cfg, show_progress=not cfg["quiet"])
+    report = result["report"]
+    report["config"] = {k: v for k, v in cfg.items() if k not in ("quiet", "verbose")}
+    report["versions"] = reporting.versions()
+
+    # files: trained parameters, arrays, plots, then report.json last
+    save_params(folder / "params.npz", result["net"], result["params"])
+    reporting.write_arrays(folder / "arrays.npz", result["arrays"])
+    written = []
+    if plots:
+        written = reporting.write_plots(folder, report, result["arrays"])
+    elapsed = time.perf_counter() - start
+    report["timings_s"]["total"] = elapsed
+    report["files"] = {
+        "report": "report.json",
+        "arrays": "arrays.npz",
+        "params": "params.npz",
+        "plots": written,
+    }
+    report["summary"] = summary_line(report, folder, elapsed)
+    reporting.write_json(folder / "report.json", report)
+    print(report["summary"])
+    return 0
+
+
+def summary_line(report, folder, elapsed) -> str:
+    """One line with the run's main results."""
+    data, net, tr = report["data"], report["network"], report["training"]
+    one, lin = report["one_step"], report["linearized"]
+    per = report["config"]["reduction"] == "sum"
+    n_tr = data["n_train"] if per else 1
+    n_te = data["n_test"] if per else 1
+    parts = [
+        f"fastntk run: {data['name']}, MLP {net['widths']} {net['activation']}, "
+        f"{data['n_train']} train / {data['n_test']} test, {tr['steps']} "
+        f"{tr['optimizer'].upper()} steps (lr {report['lr']['value']:.3g})",
+        f"loss per sample train {tr['train_loss_initial'] / n_tr:.3g} -> "
+        f"{tr['train_loss_final'] / n_tr:.3g}, test "
+        f"{tr['test_loss_initial'] / n_te:.3g} -> {tr['test_loss_final'] / n_te:.3g}",
+    ]
+    if "test_accuracy_final" in tr:
+        acc = f"test accuracy {100 * tr['test_accuracy_final']:.1f}%"
+        if lin.get("test_accuracy_final") is not None:
+            acc += f" (linearized model {100 * lin['test_accuracy_final']:.1f}%)"
+        parts.append(acc)
+    elif lin.get("available"):
+        parts.append(f"linearized test loss {lin['test_loss_final'] / n_te:.3g}")
+    parts.append(
+        f"one-step prediction error {one['relative_error_test']:.2g} on test "
+        f"outputs (residual ~ lr^{one['residual_order']:.2f})"
+    )
+    parts.append(f"kernel drift {tr['kernel_drift_final']:.3g}")
+    if tr["diverged"]:
+        parts.append(f"DIVERGED at step {tr['diverged_step']}")
+    parts.append(f"{elapsed:.1f} s, report in {folder}")
+    return " | ".join(parts)
