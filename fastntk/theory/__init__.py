@@ -1,7 +1,9 @@
 """Theory toolkit: what the neural tangent kernel predicts, checked against training.
 
 - :mod:`~fastntk.theory.infinite`: infinite-width kernels K^(l), Theta^(l).
-- :mod:`~fastntk.theory.activations`: sigma'' and sigma''' of every activation.
+- :mod:`~fastntk.theory.activations`: second and third derivatives of every
+  activation.
+- :mod:`~fastntk.theory.taylor`: exact directional derivatives of the outputs.
 """
 
 from fastntk.theory.activations import activation_derivatives
@@ -11,10 +13,12 @@ from fastntk.theory.infinite import (
     infinite_kernels,
     infinite_ntk,
 )
+from fastntk.theory.taylor import directional_derivatives
 
 __all__ = [
     "InfiniteKernels",
     "activation_derivatives",
+    "directional_derivatives",
     "gaussian_expectations",
     "infinite_kernels",
     "infinite_ntk",
