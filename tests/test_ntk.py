@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
-from tolerances import assert_close
 
 import fastntk
 from fastntk import rates as R
 from fastntk.kernels import activations
+
+from tolerances import assert_close
 
 DTYPES = [np.float64, np.float32]
 

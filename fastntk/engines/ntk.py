@@ -26,7 +26,7 @@ import numpy as np
 
 from fastntk import _config
 from fastntk._validation import as_samples, check_int
-from fastntk.kernels import cpu
+from fastntk.kernels import cpu_ntk
 from fastntk.model.rates import check_rates
 
 logger = logging.getLogger(__name__)
@@ -462,106 +462,274 @@ def ntk(
         block_size=block_size,
         out=out,
     )
+    plan = _plan(args)
     if out is None:
         out = np.empty(args.shape, dtype=args.dtype)
     with _config.thread_limit(threads):
         if args.method == "structured":
-            _structured(args, out)
+            _structured(args, out, plan)
         else:
-            _jacobian(args, out)
+            _jacobian(args, out, plan)
     return out
+
+
+# -- planning ------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """Blocking of one kernel computation, chosen to fit the memory limit."""
+
+    tile: int  # rows per stripe, and columns per tile of the structured kernel
+    cols: int  # columns whose features are held at once (all of them if whole)
+    whole: bool  # features of every sample computed once, before the stripes
+    work: int  # scratch entries of the structured kernel
+    units: int  # units per parameter chunk of the Jacobian algorithm
+
+
+def _plan(args) -> _Plan:
+    # Tile and chunk sizes for ``args``; raises when the limit cannot be met.
+    net, s = args.net, args.dtype.itemsize
+    P1 = args.x1.shape[0]
+    P2 = P1 if args.symmetric else args.x2.shape[0]
+    n_out, hidden = net.n_out, sum(net.widths[1:-1])
+    fan_in = max(net.widths[:-1]) + 1
+    per_sample = hidden * (1 + n_out) * s
+    feature_temps = 2 * min(max(P1, P2), 4 * _config.SAMPLE_BLOCK) * hidden * s
+    qg = {"full": n_out * n_out, "trace": 1, "diagonal": n_out}[args.outputs]
+    dense = args.method == "jacobian" and args.rates.kind == "dense"
+    if dense:
+        # whole Jacobians of the rows and the columns, and J1 lambda
+        per_sample += 2 * n_out * net.n_params * s
+    if args.block_size is not None:
+        tiles = [args.block_size]
+    else:
+        # about 512 rows of the output-derivative Gram per tile, halved on demand
+        first = max(8, 512 // (n_out if args.outputs == "full" else 1))
+        tiles = [first >> k for k in range(first.bit_length())]
+    for tile in tiles:
+        tile = min(tile, max(P1, P2))
+        if args.method == "structured":
+            units = 0
+            work = tile * tile * (1 + qg)
+        else:
+            # two Jacobian chunks of ``units`` units, their product and its copy
+            units = max(1, (1 << 21) // (tile * n_out * fan_in))
+            units = min(units, max(net.widths[1:]))
+            work = 2 * tile * n_out * units * fan_in + 2 * tile * tile * qg
+        fixed = work * s + feature_temps
+        sets = P1 if args.symmetric else P1 + P2
+        if fixed + sets * per_sample <= args.memory_limit:
+            return _Plan(tile, P2, True, work, units)
+        cols = (args.memory_limit - fixed - tile * per_sample) // per_sample
+        if cols >= tile:
+            return _Plan(tile, int(min(cols, P2)), False, work, units)
+    need = fixed + 2 * tile * per_sample
+    raise ValueError(
+        f"memory_limit: expected at least {need} bytes for the smallest blocks "
+        f"of this kernel ({tile} samples per block), received {args.memory_limit}; "
+        f"raise memory_limit or use a smaller block_size"
+    )
 
 
 # -- drivers --------------------------------------------------------------------------
 
 
-def _features(net, params, x):
-    # Inputs a^(l-1) of every layer, (P, n_{l-1}), and output derivatives g^(l),
-    # (P, n_out, n_l), for layers below the last (whose g is the identity).
-    zs, acts = net._forward_layers(params, x)
-    inputs = [x] + acts[:-1]
-    depth, n_out = net.depth, net.n_out
-    grads = [None] * depth
+def _feature_set(net, params, x):
+    # Features of every sample of x: (x flat, acts, grads, n_rows).
+    hidden = sum(net.widths[1:-1])
     P = x.shape[0]
-    g = np.broadcast_to(np.eye(n_out, dtype=x.dtype), (P, n_out, n_out))
-    g = np.ascontiguousarray(g)
-    for l in range(depth - 1, 0, -1):
-        k = net.widths[l]
-        nxt = np.empty((P, n_out, k), dtype=x.dtype)
-        cpu.output_derivatives_step(
-            g, params.weights[l], zs[l - 1], net.activation_code, net.slope, nxt
-        )
-        grads[l - 1] = nxt
-        g = nxt
-    return inputs, grads
+    acts = np.empty(P * hidden, dtype=params.dtype)
+    grads = np.empty(P * net.n_out * hidden, dtype=params.dtype)
+    cpu_ntk.features(
+        params.theta, net._widths, x, net.activation_code, net.slope, acts, grads
+    )
+    return x.reshape(-1), acts, grads, P
 
 
-def _structured(args, out):
-    # H = sum_l (bias_rate_l + weight_rate_l A_l) * G_l, one layer at a time.
+class _Features:
+    """Features of a sample set, whole or computed block by block on demand."""
+
+    def __init__(self, net, params, x, whole):
+        self.net, self.params, self.x = net, params, x
+        self.all = _feature_set(net, params, x) if whole else None
+
+    def block(self, start, stop):
+        # (x flat, acts, grads, n_rows, first, count) of samples [start, stop)
+        if self.all is not None:
+            return (*self.all, start, stop - start)
+        part = _feature_set(self.net, self.params, self.x[start:stop])
+        return (*part, 0, stop - start)
+
+
+def _page_releaser(out):
+    # A function dropping out's resident pages when out maps a file shared with
+    # the disk (np.memmap, modes 'r+' and 'w+'), so that resident memory stays
+    # bounded by one stripe; a no-op for arrays in memory.
+    if not isinstance(out, np.memmap) or out.mode not in ("r+", "w+"):
+        return lambda: None
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    start = -(-out.ctypes.data // page) * page
+    stop = (out.ctypes.data + out.nbytes) // page * page
+
+    def release():
+        # whole pages inside out only; the file keeps the data (shared mapping)
+        if stop > start:
+            libc.madvise(
+                ctypes.c_void_p(start),
+                ctypes.c_size_t(stop - start),
+                mmap.MADV_DONTNEED,
+            )
+
+    return release
+
+
+def _stripes(args, out, plan, compute):
+    # Drive the stripes of rows: compute(H, rows, cols, r0, c0, sym) for each
+    # range of columns, then mirror the lower part of symmetric kernels.
     net, params = args.net, args.params
+    P1 = args.x1.shape[0]
+    P2 = P1 if args.symmetric else args.x2.shape[0]
+    slots = net.depth if args.per_layer else 1
+    H = np.asarray(out).reshape(slots, P1, P2, -1)
+    f1 = _Features(net, params, args.x1, plan.whole)
+    f2 = f1 if args.symmetric else _Features(net, params, args.x2, plan.whole)
+    release = _page_releaser(out)
+    for r0 in range(0, P1, plan.tile):
+        r1 = min(P1, r0 + plan.tile)
+        rows = f1.block(r0, r1)
+        for c0 in range(r0 if args.symmetric else 0, P2, plan.cols):
+            cols = f2.block(c0, min(P2, c0 + plan.cols))
+            compute(H, rows, cols, r0, c0, args.symmetric and c0 == r0)
+        if args.symmetric:
+            # lower part of the stripe from the upper part already computed
+            cpu_ntk.mirror_stripe(H, r0, r1, args.outputs == "full")
+        release()
+    logger.debug("ntk: %d x %d kernel in stripes of %d rows", P1, P2, plan.tile)
+
+
+def _mode(outputs):
+    return {"full": cpu_ntk.FULL, "trace": cpu_ntk.TRACE}.get(outputs, cpu_ntk.DIAGONAL)
+
+
+def _structured(args, out, plan):
+    # H = sum_l (bias_rate_l + weight_rate_l A_l) * G_l, tile by tile.
+    net = args.net
     bias_rate, weight_rate = args.rates.layer_factors(net)
-    in1, g1 = _features(net, params, args.x1)
-    in2, g2 = (in1, g1) if args.symmetric else _features(net, params, args.x2)
-    P1, P2, n_out = in1[0].shape[0], in2[0].shape[0], net.n_out
-    dt = args.dtype
-    if not args.per_layer:
-        out[...] = 0
-    for l in range(net.depth):
-        target = out[l] if args.per_layer else out
-        if args.per_layer:
-            target[...] = 0
-        # input Gram and its layer factor
-        c = in1[l] @ in2[l].T
-        c *= dt.type(weight_rate[l])
-        c += dt.type(bias_rate[l])
-        if l == net.depth - 1:
-            # last layer: output derivatives are the identity
-            if args.outputs == "full":
-                for i in range(n_out):
-                    target[:, :, i, i] += c
-            elif args.outputs == "trace":
-                target += dt.type(n_out) * c
-            else:
-                target += c[:, :, None]
-            continue
-        # output-derivative Gram, combined with the input Gram
-        if args.outputs == "full":
-            G = g1[l].reshape(P1 * n_out, -1) @ g2[l].reshape(P2 * n_out, -1).T
-            G = G.reshape(P1, n_out, P2, n_out).transpose(0, 2, 1, 3)
-            target += c[:, :, None, None] * G
-        elif args.outputs == "trace":
-            target += c * (g1[l].reshape(P1, -1) @ g2[l].reshape(P2, -1).T)
-        else:
-            for i in range(n_out):
-                target[:, :, i] += c * (g1[l][:, i, :] @ g2[l][:, i, :].T)
+    rates = np.empty((net.depth, 3), dtype=args.dtype)
+    rates[:, 0], rates[:, 1], rates[:, 2] = bias_rate, weight_rate, net.n_out
+    work = np.empty(plan.work, dtype=args.dtype)
+    mode = _mode(args.outputs)
+
+    def compute(H, rows, cols, r0, c0, sym):
+        cpu_ntk.structured_stripe(
+            rows,
+            cols,
+            net._widths,
+            rates,
+            mode,
+            sym,
+            plan.tile,
+            H,
+            r0,
+            c0,
+            args.per_layer,
+            work,
+        )
+
+    _stripes(args, out, plan, compute)
 
 
-def _jacobian(args, out):
-    # H = J1 lambda J2^T, Jacobians built per block of samples.
-    net, params = args.net, args.params
-    J1 = _jac(net, params, args.x1)
-    J2 = J1 if args.symmetric else _jac(net, params, args.x2)
-    rates = args.rates
-    slices = [(0, net.n_params)]
-    if args.per_layer:
-        slices = [(ws.start, bs.stop) for ws, bs in net.layer_slices()]
-    for k, (s0, s1) in enumerate(slices):
-        target = out[k] if args.per_layer else out
-        if rates.kind == "dense":
-            M = np.einsum("aim,mn->ain", J1, rates.matrix(net).astype(args.dtype))
-        else:
-            d = rates.diagonal_vector(net)[s0:s1].astype(args.dtype)
-            M = J1[:, :, s0:s1] * d
-        R = J2[:, :, s0:s1] if rates.kind != "dense" else J2
-        if args.outputs == "full":
-            target[...] = np.einsum("aim,bjm->abij", M, R)
-        elif args.outputs == "trace":
-            target[...] = np.einsum("aim,bim->ab", M, R)
-        else:
-            target[...] = np.einsum("aim,bim->abi", M, R)
-
-
-def _jac(net, params, x):
-    J = np.empty((x.shape[0], net.n_out, net.n_params), dtype=params.dtype)
-    cpu.jacobian(params.theta, net._widths, x, net.activation_code, net.slope, J)
+def _jacobian_chunk(net, feats, layer, j0, j1):
+    # Jacobian columns of units [j0, j1) of a layer for the samples of ``feats``:
+    # weights W[j, q] (theta's order) then biases b[j], shape (m, n_out, cols).
+    x, acts, grads, n_rows, first, m = feats
+    widths, n_out = net.widths, net.n_out
+    k, n = widths[layer], widths[layer + 1]
+    if layer == 0:
+        inputs = x.reshape(n_rows, k)[first : first + m]
+    else:
+        o = n_rows * sum(widths[1:layer])
+        inputs = acts[o : o + n_rows * k].reshape(n_rows, k)[first : first + m]
+    if layer == net.depth - 1:
+        # output derivatives of the last layer: the identity
+        g = np.zeros((m, n_out, j1 - j0), dtype=x.dtype)
+        for j in range(j0, j1):
+            g[:, j, j - j0] = 1
+    else:
+        o = n_rows * n_out * sum(widths[1 : layer + 1])
+        g = grads[o : o + n_rows * n_out * n].reshape(n_rows, n_out, n)
+        g = g[first : first + m, :, j0:j1]
+    J = np.empty((m, n_out, (j1 - j0) * (k + 1)), dtype=x.dtype)
+    # dz_i / dW_jq = g_ij a_q ; dz_i / db_j = g_ij
+    w = J[:, :, : (j1 - j0) * k].reshape(m, n_out, j1 - j0, k)
+    np.multiply(g[:, :, :, None], inputs[:, None, None, :], out=w)
+    J[:, :, (j1 - j0) * k :] = g
     return J
+
+
+def _chunk_indices(net, layer, j0, j1):
+    # theta indices of the columns of _jacobian_chunk
+    k = net.widths[layer]
+    w0, b0 = net.weight_offsets[layer], net.bias_offsets[layer]
+    return np.r_[w0 + j0 * k : w0 + j1 * k, b0 + j0 : b0 + j1]
+
+
+def _contract(J1, J2, mode, target):
+    # target (m, nc, q) += J1 J2^T, contracted over parameters as ``mode`` asks
+    m, n_out, p = J1.shape
+    nc = J2.shape[0]
+    if mode == cpu_ntk.FULL:
+        G = J1.reshape(m * n_out, p) @ J2.reshape(nc * n_out, p).T
+        target += (
+            G.reshape(m, n_out, nc, n_out)
+            .transpose(0, 2, 1, 3)
+            .reshape(m, nc, n_out * n_out)
+        )
+    elif mode == cpu_ntk.TRACE:
+        target[:, :, 0] += J1.reshape(m, n_out * p) @ J2.reshape(nc, n_out * p).T
+    else:
+        for i in range(n_out):
+            target[:, :, i] += J1[:, i, :] @ J2[:, i, :].T
+
+
+def _jacobian(args, out, plan):
+    # H = J1 lambda J2^T over chunks of parameters (units of one layer).
+    net = args.net
+    mode = _mode(args.outputs)
+    dense = args.rates.kind == "dense"
+    if dense:
+        lam = args.rates.matrix(net).astype(args.dtype)
+    else:
+        lam = args.rates.diagonal_vector(net).astype(args.dtype)
+    chunks = [
+        (l, j0, min(j0 + plan.units, net.widths[l + 1]))
+        for l in range(net.depth)
+        for j0 in range(0, net.widths[l + 1], plan.units)
+    ]
+
+    def compute(H, rows, cols, r0, c0, sym):
+        target = H[:, r0 : r0 + rows[5], c0 : c0 + cols[5]]
+        target[...] = 0
+        if dense:
+            # whole Jacobians in theta's order, then (J1 lambda) J2^T
+            J1 = np.empty((rows[5], net.n_out, net.n_params), dtype=args.dtype)
+            J2 = np.empty((cols[5], net.n_out, net.n_params), dtype=args.dtype)
+            for l, j0, j1 in chunks:
+                idx = _chunk_indices(net, l, j0, j1)
+                J1[:, :, idx] = _jacobian_chunk(net, rows, l, j0, j1)
+                J2[:, :, idx] = _jacobian_chunk(net, cols, l, j0, j1)
+            _contract(J1 @ lam, J2, mode, target[0])
+            return
+        for l, j0, j1 in chunks:
+            # diagonal rates: (J1 * lambda) J2^T, chunk by chunk
+            J1 = _jacobian_chunk(net, rows, l, j0, j1)
+            J1 *= lam[_chunk_indices(net, l, j0, j1)]
+            J2 = _jacobian_chunk(net, cols, l, j0, j1)
+            _contract(J1, J2, mode, target[l if args.per_layer else 0])
+
+    _stripes(args, out, plan, compute)

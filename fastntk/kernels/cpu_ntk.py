@@ -1,0 +1,466 @@
+"""CPU kernels of the neural tangent kernel (Numba + BLAS).
+
+The structured algorithm writes the kernel of an L-layer MLP as
+
+    H[a, b, i, j] = sum_t (bias_rate_t + weight_rate_t A_t[a, b]) G_t[a, i, b, j],
+    A_t = a^(t) a^(t)T                (input Gram of 0-based layer t),
+    G_t = g^(t+1) g^(t+1)T            (Gram of the output derivatives),
+
+where a^(t) (P, n_t) are the layer's inputs (a^(0) = x) and g^(t+1)
+(P, n_out, n_{t+1}) the derivatives dz^(L)_i / dz^(t+1)_j; the last layer's
+derivatives are the identity, so its G is the identity.
+
+*Features* are these per-sample quantities, computed once by :func:`features`:
+``acts`` holds a^(h) for hidden layers h = 1..L-1 as consecutive (P, n_h) blocks,
+``grads`` holds g^(h) for h = 1..L-1 as consecutive (P, n_out, n_h) blocks.
+
+The kernel is produced tile by tile: for a tile of rows and columns and each
+layer, BLAS computes A and G into small buffers (``syrk`` on tiles of the
+diagonal of a symmetric kernel, ``gemm`` elsewhere, both reading the features in
+place through their leading dimensions), and one fused parallel pass adds
+``(bias_rate + weight_rate A) * G`` into the result while both are in cache.
+
+The result is addressed as a 4-D C-ordered array ``H`` of shape
+(n_slots, P1, P2, q): one slot per layer for per-layer kernels (else one), and
+q = n_out^2 (full), 1 (trace) or n_out (diagonal) values per pair of samples.
+
+BLAS is SciPy's (``scipy.linalg.cython_blas``), called through its C addresses;
+float32 features are multiplied and accumulated in float32.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as ll
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import get_cython_function_address, intrinsic
+
+from fastntk._config import JIT, JIT_PARALLEL, SAMPLE_BLOCK
+from fastntk.kernels.activations import act, dact
+
+#: Output modes of the kernels.
+FULL, TRACE, DIAGONAL = 0, 1, 2
+
+# -- BLAS ----------------------------------------------------------------------------
+
+
+def _blas(name, n_args):
+    # A BLAS routine of scipy.linalg.cython_blas, every argument a pointer.  The
+    # routine is registered under a fixed symbol name, so that compiled kernels
+    # calling it can be cached on disk and relinked in a later process.
+    symbol = f"fastntk_{name}"
+    ll.add_symbol(symbol, get_cython_function_address("scipy.linalg.cython_blas", name))
+    return types.ExternalFunction(symbol, types.void(*([types.voidptr] * n_args)))
+
+
+_dgemm = _blas("dgemm", 13)
+_sgemm = _blas("sgemm", 13)
+_dsyrk = _blas("dsyrk", 10)
+_ssyrk = _blas("ssyrk", 10)
+
+
+@intrinsic
+def _ptr(typingctx, arr, offset):
+    # Address of arr.flat[offset] as a void pointer (no bounds check).
+    sig = types.voidptr(arr, offset)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        addr = builder.gep(ary.data, [args[1]])
+        return builder.bitcast(addr, context.get_value_type(types.voidptr))
+
+    return sig, codegen
+
+
+@njit(**JIT)
+def gemm_nt(m, n, k, alpha, x, xo, ldx, y, yo, ldy, beta, c, co, ldc):
+    """Row-major C = alpha X Y^T + beta C on raw buffers.
+
+    X is (m, k) at ``x[xo:]`` with row stride ``ldx``, Y is (n, k) at
+    ``y[yo:]`` with row stride ``ldy``, C is (m, n) at ``c[co:]`` with row
+    stride ``ldc``; all three share one dtype, float32 or float64.
+    """
+    # In column-major terms C^T = Y X^T: gemm('T', 'N', n, m, k, Y, X, C).
+    ints = np.empty(6, np.int32)
+    ints[0], ints[1], ints[2] = n, m, k
+    ints[3], ints[4], ints[5] = ldy, ldx, ldc
+    trans = np.empty(2, np.int8)
+    trans[0], trans[1] = ord("T"), ord("N")
+    scal = np.empty(2, c.dtype)
+    scal[0], scal[1] = alpha, beta
+    args = (
+        _ptr(trans, 0), _ptr(trans, 1), _ptr(ints, 0), _ptr(ints, 1),
+        _ptr(ints, 2), _ptr(scal, 0), _ptr(y, yo), _ptr(ints, 3), _ptr(x, xo),
+        _ptr(ints, 4), _ptr(scal, 1), _ptr(c, co), _ptr(ints, 5),
+    )  # fmt: skip
+    if c.itemsize == 8:
+        _dgemm(*args)
+    else:
+        _sgemm(*args)
+
+
+@njit(**JIT)
+def syrk_upper(m, k, alpha, x, xo, ldx, beta, c, co, ldc):
+    """Row-major upper triangle (b >= a) of C = alpha X X^T + beta C.
+
+    X is (m, k) at ``x[xo:]`` with row stride ``ldx``; C is (m, m) at ``c[co:]``
+    with row stride ``ldc``.  The strict lower triangle of C is left untouched.
+    """
+    # The row-major upper triangle is the column-major lower one of X_cm^T X_cm.
+    ints = np.empty(4, np.int32)
+    ints[0], ints[1], ints[2], ints[3] = m, k, ldx, ldc
+    flags = np.empty(2, np.int8)
+    flags[0], flags[1] = ord("L"), ord("T")
+    scal = np.empty(2, c.dtype)
+    scal[0], scal[1] = alpha, beta
+    args = (
+        _ptr(flags, 0), _ptr(flags, 1), _ptr(ints, 0), _ptr(ints, 1),
+        _ptr(scal, 0), _ptr(x, xo), _ptr(ints, 2), _ptr(scal, 1), _ptr(c, co),
+        _ptr(ints, 3),
+    )  # fmt: skip
+    if c.itemsize == 8:
+        _dsyrk(*args)
+    else:
+        _ssyrk(*args)
+
+
+# -- features: forward and backward passes -------------------------------------------
+
+
+@njit(**JIT)
+def hidden_starts(widths):
+    """Column starts of the hidden layers: entry h - 1 is n_1 + ... + n_{h-1}.
+
+    Hidden layer h (1 <= h <= L-1) of a P-sample feature set starts at
+    ``P * start`` in ``acts`` and at ``P * n_out * start`` in ``grads``; the last
+    entry is the total width n_1 + ... + n_{L-1}.
+    """
+    depth = widths.shape[0] - 1
+    start = np.zeros(depth, np.int64)
+    for h in range(1, depth):
+        start[h] = start[h - 1] + widths[h]
+    return start
+
+
+@njit(**JIT)
+def weight_offsets(widths):
+    """Start of W^(l) in theta for 0-based layers l (b^(l) follows W^(l))."""
+    depth = widths.shape[0] - 1
+    w_off = np.empty(depth, np.int64)
+    pos = 0
+    for l in range(depth):
+        w_off[l] = pos
+        pos += widths[l + 1] * widths[l] + widths[l + 1]
+    return w_off
+
+
+@njit(**JIT_PARALLEL)
+def _activate(z, b, a, d, code, slope):
+    # a = sigma(z + b) and d = sigma'(z + b), row by row.
+    m, n = z.shape
+    for p in prange(m):
+        for j in range(n):
+            v = z[p, j] + b[j]
+            a[p, j] = act(code, v, slope)
+            d[p, j] = dact(code, v, slope)
+
+
+@njit(**JIT_PARALLEL)
+def _last_derivatives(W, d, g):
+    # g[p, i, j] = W[i, j] d[p, j]: derivatives of the outputs w.r.t. z^(L-1).
+    m, n_out, n = g.shape
+    for p in prange(m):
+        for i in range(n_out):
+            for j in range(n):
+                g[p, i, j] = W[i, j] * d[p, j]
+
+
+@njit(**JIT_PARALLEL)
+def _scale_columns(g, d):
+    # g[p, i, q] *= d[p, q]
+    m, n_out, k = g.shape
+    for p in prange(m):
+        for i in range(n_out):
+            for q in range(k):
+                g[p, i, q] *= d[p, q]
+
+
+@njit(**JIT)
+def features(theta, widths, x, code, slope, acts, grads):
+    """Hidden activations and output derivatives of every sample of ``x``.
+
+    Parameters
+    ----------
+    theta : (n_params,) float array
+    widths : (L + 1,) int64 array
+    x : (P, n_0) C-contiguous array, theta's dtype
+    code, slope : activation code and leaky-ReLU slope
+    acts : (P * (n_1 + ... + n_{L-1}),) output
+        a^(h) for h = 1..L-1, consecutive (P, n_h) blocks.
+    grads : (P * n_out * (n_1 + ... + n_{L-1}),) output
+        g^(h)[p, i, j] = dz^(L)_i / dz^(h)_j, consecutive (P, n_out, n_h) blocks.
+    """
+    P = x.shape[0]
+    depth = widths.shape[0] - 1
+    n_out = widths[depth]
+    if depth == 1:
+        return
+    w_off = weight_offsets(widths)
+    start = hidden_starts(widths)
+    block = min(P, 4 * SAMPLE_BLOCK)
+    zbuf = np.empty(block * start[depth - 1], dtype=theta.dtype)
+    dbuf = np.empty(block * start[depth - 1], dtype=theta.dtype)
+    for s0 in range(0, P, block):
+        s1 = min(P, s0 + block)
+        m = s1 - s0
+
+        # forward pass: a^(h) into acts, sigma'(z^(h)) into dbuf
+        a = x[s0:s1]
+        for h in range(1, depth):
+            n, k = widths[h], widths[h - 1]
+            W = theta[w_off[h - 1] : w_off[h - 1] + n * k].reshape((n, k))
+            b = theta[w_off[h - 1] + n * k : w_off[h - 1] + n * k + n]
+            z = zbuf[m * start[h - 1] : m * start[h]].reshape((m, n))
+            d = dbuf[m * start[h - 1] : m * start[h]].reshape((m, n))
+            o = P * start[h - 1]
+            out = acts[o + s0 * n : o + s1 * n].reshape((m, n))
+            # z = a W^T, then a^(h) = sigma(z + b), sigma'(z + b)
+            np.dot(a, W.T, z)
+            _activate(z, b, out, d, code, slope)
+            a = out
+
+        # backward pass: g^(L-1) = W^(L) sigma'(z^(L-1)), then
+        # g^(h-1) = (g^(h) W^(h)) * sigma'(z^(h-1)) down to h = 2
+        h = depth - 1
+        n = widths[h]
+        WL = theta[w_off[h] : w_off[h] + n_out * n].reshape((n_out, n))
+        d = dbuf[m * start[h - 1] : m * start[h]].reshape((m, n))
+        o = P * n_out * start[h - 1]
+        g = grads[o + s0 * n_out * n : o + s1 * n_out * n].reshape((m, n_out, n))
+        _last_derivatives(WL, d, g)
+        for h in range(depth - 1, 1, -1):
+            n, k = widths[h], widths[h - 1]
+            W = theta[w_off[h - 1] : w_off[h - 1] + n * k].reshape((n, k))
+            d = dbuf[m * start[h - 2] : m * start[h - 1]].reshape((m, k))
+            o = P * n_out * start[h - 2]
+            nxt = grads[o + s0 * n_out * k : o + s1 * n_out * k].reshape((m, n_out, k))
+            # g^(h-1) = (g^(h) W^(h)) * sigma'(z^(h-1))
+            np.dot(g.reshape((m * n_out, n)), W, nxt.reshape((m * n_out, k)))
+            _scale_columns(nxt, d)
+            g = nxt
+
+
+# -- structured kernel, tile by tile --------------------------------------------------
+
+
+@njit(**JIT_PARALLEL)
+def _combine(H, slot, pos, A, G, rate, how):
+    """Fused pass over one tile: H (+)= (bias + weight A) * G.
+
+    pos = (r0, c0, tm, tn, upper): the tile's rows and columns in H, and whether
+    only its upper triangle (b >= a) is needed (a tile on the diagonal of a
+    symmetric kernel, where A and G hold their upper triangles only).
+    rate = (bias, weight, n_out) in H's dtype; how = (mode, assign, identity):
+    output mode, whether to overwrite rather than add, and whether G is the
+    identity (the last layer).  A is (tm, tn) flat; G is flat with layout
+    (tm * n_out, tn * n_out) full, (tm, tn) trace, (n_out, tm, tn) diagonal.
+    """
+    r0, c0, tm, tn, upper = pos
+    bias, weight, n_outf = rate[0], rate[1], rate[2]
+    mode, assign, identity = how
+    n_out = int(n_outf + 0.5)
+    ldg = tn * n_out
+    zero = bias - bias
+    for a in prange(tm):
+        b_lo = a if upper else 0
+        for b in range(b_lo, tn):
+            # layer factor of the input Gram: bias_rate + weight_rate A[a, b]
+            cab = bias + weight * A[a * tn + b]
+            h = H[slot, r0 + a, c0 + b]
+            if mode == TRACE:
+                v = cab * n_outf if identity else cab * G[a * tn + b]
+                h[0] = v if assign else h[0] + v
+            elif mode == DIAGONAL:
+                for i in range(n_out):
+                    v = cab if identity else cab * G[(i * tm + a) * tn + b]
+                    h[i] = v if assign else h[i] + v
+            elif identity:
+                for i in range(n_out):
+                    for j in range(n_out):
+                        if i == j:
+                            h[i * n_out + j] = cab if assign else h[i * n_out + j] + cab
+                        elif assign:
+                            h[i * n_out + j] = zero
+            else:
+                for i in range(n_out):
+                    row = (a * n_out + i) * ldg + b * n_out
+                    for j in range(n_out):
+                        if upper and a == b and j < i:
+                            # lower triangle of a diagonal block: G is symmetric
+                            g = G[(a * n_out + j) * ldg + b * n_out + i]
+                        else:
+                            g = G[row + j]
+                        v = cab * g
+                        h[i * n_out + j] = v if assign else h[i * n_out + j] + v
+
+
+@njit(**JIT)
+def _gram(m, n, k, x, xo, y, yo, ld, c, co, ldc, diag):
+    # c = X Y^T (upper triangle only when diag, where X is Y)
+    one = c[0] - c[0] + 1
+    if diag:
+        syrk_upper(m, k, one, x, xo, ld, one - one, c, co, ldc)
+    else:
+        gemm_nt(m, n, k, one, x, xo, ld, y, yo, ld, one - one, c, co, ldc)
+
+
+@njit(**JIT)
+def structured_stripe(
+    f1, f2, widths, rates, mode, sym, tile, H, r0, c0, per_layer, work
+):
+    """Kernel entries of one stripe of rows against a range of columns.
+
+    Parameters
+    ----------
+    f1, f2 : tuple (x, acts, grads, n_rows, first, count)
+        Feature sets of the rows and the columns: ``x`` flattened (n_rows * n_0,),
+        ``acts`` and ``grads`` as produced by :func:`features` for n_rows
+        samples; this call uses samples [first, first + count).
+    widths : (L + 1,) int64
+    rates : (L, 3) array in H's dtype: bias_rate, weight_rate, n_out per layer.
+    mode : FULL, TRACE or DIAGONAL.
+    sym : bool
+        f1 and f2 are the same samples (a symmetric kernel): the first column
+        tile is the diagonal block and only its upper triangle is computed.
+    tile : int
+        Columns per tile.
+    H : (n_slots, P1, P2, q) result; rows r0 + [0, count1), columns
+        c0 + [0, count2) are written.
+    per_layer : bool
+        Layer l goes to slot l (else every layer adds into slot 0).
+    work : flat scratch of at least tile * count1 * (1 + q_gram) entries, where
+        q_gram is n_out^2 (full), 1 (trace) or n_out (diagonal).
+    """
+    x1, acts1, grads1, rows1, first1, m = f1
+    x2, acts2, grads2, rows2, first2, ncols = f2
+    depth = widths.shape[0] - 1
+    n_out = widths[depth]
+    start = hidden_starts(widths)
+    gsize = (
+        m * tile * (n_out * n_out if mode == FULL else (1 if mode == TRACE else n_out))
+    )
+    A = work[: m * tile]
+    G = work[m * tile : m * tile + gsize]
+    cb0 = 0
+    while cb0 < ncols:
+        diag = sym and cb0 == 0
+        tn = m if diag else min(tile, ncols - cb0)
+        for l in range(depth):
+            slot = l if per_layer else 0
+            assign = per_layer or l == 0
+            last = l == depth - 1
+
+            # input Gram A = a^(l) rows . a^(l) columns^T
+            k = widths[l]
+            if l == 0:
+                _gram(
+                    m, tn, k, x1, first1 * k, x2, (first2 + cb0) * k, k, A, 0, tn, diag
+                )
+            else:
+                o1 = rows1 * start[l - 1] + first1 * k
+                o2 = rows2 * start[l - 1] + (first2 + cb0) * k
+                _gram(m, tn, k, acts1, o1, acts2, o2, k, A, 0, tn, diag)
+
+            # output-derivative Gram G of g^(l+1) (identity on the last layer)
+            if not last:
+                n = widths[l + 1]
+                o1 = rows1 * n_out * start[l] + first1 * n_out * n
+                o2 = rows2 * n_out * start[l] + (first2 + cb0) * n_out * n
+                if mode == FULL:
+                    # rows (a, i), columns (b, j), contracted over units
+                    _gram(
+                        m * n_out,
+                        tn * n_out,
+                        n,
+                        grads1,
+                        o1,
+                        grads2,
+                        o2,
+                        n,
+                        G,
+                        0,
+                        tn * n_out,
+                        diag,
+                    )
+                elif mode == TRACE:
+                    # sum over outputs folded into the contraction
+                    _gram(
+                        m,
+                        tn,
+                        n_out * n,
+                        grads1,
+                        o1,
+                        grads2,
+                        o2,
+                        n_out * n,
+                        G,
+                        0,
+                        tn,
+                        diag,
+                    )
+                else:
+                    for i in range(n_out):
+                        _gram(
+                            m,
+                            tn,
+                            n,
+                            grads1,
+                            o1 + i * n,
+                            grads2,
+                            o2 + i * n,
+                            n_out * n,
+                            G,
+                            i * m * tn,
+                            tn,
+                            diag,
+                        )
+
+            # fused combine-and-accumulate into the result
+            _combine(
+                H,
+                slot,
+                (r0, c0 + cb0, m, tn, diag),
+                A,
+                G,
+                rates[l],
+                (mode, assign, last),
+            )
+        cb0 += tn
+
+
+@njit(**JIT_PARALLEL)
+def mirror_stripe(H, r0, r1, full):
+    """Fill the lower part of rows [r0, r1) of a symmetric kernel from its upper.
+
+    H[s, a, b] = H[s, b, a] (with the two output indices swapped when ``full``)
+    for r0 <= a < r1 and b < a; the entries with b >= a must be computed.
+    """
+    n_slots, P, _, q = H.shape
+    n_out = int(np.sqrt(q) + 0.5) if full else 1
+    chunk = 64
+    n_chunks = (r1 + chunk - 1) // chunk
+    for c in prange(n_slots * n_chunks):
+        s = c // n_chunks
+        b0 = (c % n_chunks) * chunk
+        b1 = min(b0 + chunk, r1)
+        for a in range(max(r0, b0), r1):
+            for b in range(b0, min(b1, a)):
+                src = H[s, b, a]
+                dst = H[s, a, b]
+                if full:
+                    for i in range(n_out):
+                        for j in range(n_out):
+                            dst[i * n_out + j] = src[j * n_out + i]
+                else:
+                    for k in range(q):
+                        dst[k] = src[k]
