@@ -22,6 +22,12 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(_PACKAGE_DIR, os.W_OK):
         tempfile.gettempdir(), "fastntk-numba-cache"
     )
 
+# Idle OpenMP threads sleep instead of spinning: the compiled kernels alternate
+# parallel loops with BLAS calls that run their own threads, and spinning OpenMP
+# workers would take the cores those BLAS threads need.  Set before numba starts
+# its OpenMP pool; a value chosen by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numba  # noqa: E402
 
 # fastmath stays off: the kernels must propagate NaN and inf faithfully, and the
@@ -35,6 +41,10 @@ JIT = {"nogil": True, "cache": True, "fastmath": FASTMATH}
 #: Options of the parallel kernels (``prange`` loops over samples or tiles).
 JIT_PARALLEL = dict(JIT, parallel=True)
 
+#: Options of the CUDA kernels (``numba.cuda.jit``); kernels built per tile
+#: configuration at run time are not cached on disk.
+CUDA_JIT = {"fastmath": FASTMATH}
+
 #: Samples processed together by the blocked forward and backward passes.
 SAMPLE_BLOCK = 256
 
@@ -42,6 +52,7 @@ SAMPLE_BLOCK = 256
 # (the work-queue layer aborts the process in that case).
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "omp"
+
 
 def max_threads() -> int:
     """Largest thread count the compiled kernels can use (numba's pool size)."""

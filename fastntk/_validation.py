@@ -63,8 +63,7 @@ def as_array(
     arr = np.asarray(value)
     if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
         raise TypeError(
-            f"{name}: expected a float32 or float64 array, received dtype "
-            f"{arr.dtype}"
+            f"{name}: expected a float32 or float64 array, received dtype {arr.dtype}"
         )
     if isinstance(value, (list, tuple)) and np.issubdtype(arr.dtype, np.integer):
         # Plain Python numbers: take them as the requested floating type.
@@ -155,8 +154,10 @@ def per_layer(name: str, value, depth: int, *, positive: bool = False) -> np.nda
     """A scalar or one value per layer, as a float64 array of length ``depth``."""
     check = check_positive if positive else check_nonnegative
     if np.ndim(value) == 0:
-        return np.full(depth, check(name, value if not isinstance(
-            value, np.generic) else value.item()))
+        return np.full(
+            depth,
+            check(name, value if not isinstance(value, np.generic) else value.item()),
+        )
     seq = list(np.asarray(value, dtype=object).reshape(-1))
     if np.ndim(value) != 1 or len(seq) != depth:
         raise ValueError(
@@ -164,7 +165,9 @@ def per_layer(name: str, value, depth: int, *, positive: bool = False) -> np.nda
             f"layer), received shape {np.shape(value)}"
         )
     return np.array(
-        [check(f"{name}[{i}]", v.item() if isinstance(v, np.generic) else v)
-         for i, v in enumerate(seq)],
+        [
+            check(f"{name}[{i}]", v.item() if isinstance(v, np.generic) else v)
+            for i, v in enumerate(seq)
+        ],
         dtype=np.float64,
     )

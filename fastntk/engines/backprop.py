@@ -46,8 +46,15 @@ def loss_and_gradient(net, params, x, y, loss=None, *, threads=None):
     grad = np.empty(net.n_params, dtype=params.dtype)
     with _config.thread_limit(threads):
         value = cpu.loss_gradient(
-            params.theta, net._widths, x, y, net.activation_code, net.slope,
-            loss.code, loss.scale(x.shape[0]), grad,
+            params.theta,
+            net._widths,
+            x,
+            y,
+            net.activation_code,
+            net.slope,
+            loss.code,
+            loss.scale(x.shape[0]),
+            grad,
         )
     return float(value), grad
 

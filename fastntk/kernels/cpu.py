@@ -77,10 +77,10 @@ def forward_layers(theta, widths, x, code, slope, zs, acts):
     a = x
     for l in range(depth):
         n, k = widths[l + 1], widths[l]
-        W = theta[w_off[l]:w_off[l] + n * k].reshape((n, k))
-        b = theta[b_off[l]:b_off[l] + n]
-        z = zs[off[l]:off[l + 1]].reshape((P, n))
-        out = acts[off[l]:off[l + 1]].reshape((P, n))
+        W = theta[w_off[l] : w_off[l] + n * k].reshape((n, k))
+        b = theta[b_off[l] : b_off[l] + n]
+        z = zs[off[l] : off[l + 1]].reshape((P, n))
+        out = acts[off[l] : off[l + 1]].reshape((P, n))
         # z = a W^T + b ; out = sigma(z)
         np.dot(a, W.T, z)
         _bias_activate(z, b, out, code, slope, l < depth - 1)
@@ -104,12 +104,12 @@ def forward_output(theta, widths, x, code, slope, out):
         a = x[start:stop]
         for l in range(depth):
             n, k = widths[l + 1], widths[l]
-            W = theta[w_off[l]:w_off[l] + n * k].reshape((n, k))
-            b = theta[b_off[l]:b_off[l] + n]
+            W = theta[w_off[l] : w_off[l] + n * k].reshape((n, k))
+            b = theta[b_off[l] : b_off[l] + n]
             if l == depth - 1:
                 z = out[start:stop]
             else:
-                z = bufs[l % 2, :m * n].reshape((m, n))
+                z = bufs[l % 2, : m * n].reshape((m, n))
             # z = a W^T + b, then sigma in place on hidden layers
             np.dot(a, W.T, z)
             _bias_activate(z, b, z, code, slope, l < depth - 1)
@@ -200,12 +200,13 @@ def loss_gradient(theta, widths, x, y, code, slope, loss, scale, grad):
         offb = layer_rows(widths, m)
 
         # forward pass of the block, keeping every layer
-        forward_layers(theta, widths, xb, code, slope, zs[:offb[depth]],
-                       acts[:offb[depth]])
+        forward_layers(
+            theta, widths, xb, code, slope, zs[: offb[depth]], acts[: offb[depth]]
+        )
 
         # error factor of the output layer
-        zL = zs[offb[depth - 1]:offb[depth]].reshape((m, n_out))
-        delta = deltas[0, :m * n_out].reshape((m, n_out))
+        zL = zs[offb[depth - 1] : offb[depth]].reshape((m, n_out))
+        delta = deltas[0, : m * n_out].reshape((m, n_out))
         total += _loss_error(zL, y[start:stop], loss, scale, delta)
 
         # backward pass: gradient of each layer, then the delta below it
@@ -214,9 +215,9 @@ def loss_gradient(theta, widths, x, y, code, slope, loss, scale, grad):
             if l == 0:
                 a_prev = xb
             else:
-                a_prev = acts[offb[l - 1]:offb[l]].reshape((m, k))
-            gW = tmp[:n * k].reshape((n, k))
-            gb = tmp[n * k:n * k + n]
+                a_prev = acts[offb[l - 1] : offb[l]].reshape((m, k))
+            gW = tmp[: n * k].reshape((n, k))
+            gb = tmp[n * k : n * k + n]
             # dL/dW = delta^T a_prev ; dL/db = column sums of delta
             np.dot(delta.T, a_prev, gW)
             for j in range(n):
@@ -224,12 +225,12 @@ def loss_gradient(theta, widths, x, y, code, slope, loss, scale, grad):
             for p in range(m):
                 for j in range(n):
                     gb[j] += delta[p, j]
-            _accumulate(grad[w_off[l]:w_off[l] + n * k], tmp[:n * k], first)
-            _accumulate(grad[b_off[l]:b_off[l] + n], gb, first)
+            _accumulate(grad[w_off[l] : w_off[l] + n * k], tmp[: n * k], first)
+            _accumulate(grad[b_off[l] : b_off[l] + n], gb, first)
             if l > 0:
-                W = theta[w_off[l]:w_off[l] + n * k].reshape((n, k))
-                zprev = zs[offb[l - 1]:offb[l]].reshape((m, k))
-                nxt = deltas[(depth - l) % 2, :m * k].reshape((m, k))
+                W = theta[w_off[l] : w_off[l] + n * k].reshape((n, k))
+                zprev = zs[offb[l - 1] : offb[l]].reshape((m, k))
+                nxt = deltas[(depth - l) % 2, : m * k].reshape((m, k))
                 _backprop_delta(delta, W, zprev, code, slope, nxt)
                 delta = nxt
         first = False
@@ -289,11 +290,12 @@ def jacobian(theta, widths, x, code, slope, J):
         m = stop - start
         xb = x[start:stop]
         offb = layer_rows(widths, m)
-        forward_layers(theta, widths, xb, code, slope, zs[:offb[depth]],
-                       acts[:offb[depth]])
+        forward_layers(
+            theta, widths, xb, code, slope, zs[: offb[depth]], acts[: offb[depth]]
+        )
 
         # output derivatives of the last layer: the identity
-        g = gbuf[0, :m * n_out * n_out].reshape((m, n_out, n_out))
+        g = gbuf[0, : m * n_out * n_out].reshape((m, n_out, n_out))
         g[:] = 0.0
         for p in range(m):
             for i in range(n_out):
@@ -304,11 +306,11 @@ def jacobian(theta, widths, x, code, slope, J):
             if l == 0:
                 a_prev = xb
             else:
-                a_prev = acts[offb[l - 1]:offb[l]].reshape((m, k))
+                a_prev = acts[offb[l - 1] : offb[l]].reshape((m, k))
             _fill_jacobian_layer(J[start:stop], g, a_prev, w_off[l], b_off[l])
             if l > 0:
-                W = theta[w_off[l]:w_off[l] + n * k].reshape((n, k))
-                zprev = zs[offb[l - 1]:offb[l]].reshape((m, k))
-                nxt = gbuf[(depth - l) % 2, :m * n_out * k].reshape((m, n_out, k))
+                W = theta[w_off[l] : w_off[l] + n * k].reshape((n, k))
+                zprev = zs[offb[l - 1] : offb[l]].reshape((m, k))
+                nxt = gbuf[(depth - l) % 2, : m * n_out * k].reshape((m, n_out, k))
                 output_derivatives_step(g, W, zprev, code, slope, nxt)
                 g = nxt

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 BACKENDS = ("cpu", "cuda", "auto")
 
 #: Below this many floating-point operations, ``"auto"`` stays on the CPU.
@@ -34,6 +36,26 @@ def cuda_status() -> tuple[bool, str]:
         "numba.cuda found no usable GPU (no CUDA driver or device on this machine); "
         "use backend='cpu'"
     )
+
+
+def is_device_array(x) -> bool:
+    """Whether ``x`` is a GPU array (numba.cuda, CuPy, or the CUDA simulator's).
+
+    Device arrays expose ``__cuda_array_interface__``; the simulator's stand-ins
+    do not, and are recognised by their module.
+    """
+    if x is None or isinstance(x, np.ndarray):
+        return False
+    if hasattr(x, "__cuda_array_interface__"):
+        return True
+    return type(x).__module__.startswith("numba.cuda.simulator")
+
+
+def device_kind(x) -> str | None:
+    """``"cupy"``, ``"numba"`` for device arrays, ``None`` for anything else."""
+    if not is_device_array(x):
+        return None
+    return "cupy" if type(x).__module__.startswith("cupy") else "numba"
 
 
 def resolve_backend(backend: str, flops: float | None = None) -> str:

@@ -21,21 +21,34 @@ def _sigmoid(x):
 #: name -> (sigma, sigma') as NumPy functions; leaky_relu takes the slope.
 ACTIVATIONS = {
     "linear": (lambda x, s: x, lambda x, s: np.ones_like(x)),
-    "relu": (lambda x, s: np.where(x > 0, x, 0.0 * x),
-             lambda x, s: (x > 0).astype(x.dtype)),
-    "leaky_relu": (lambda x, s: np.where(x > 0, x, s * x),
-                   lambda x, s: np.where(x > 0, 1.0, s).astype(x.dtype)),
+    "relu": (
+        lambda x, s: np.where(x > 0, x, 0.0 * x),
+        lambda x, s: (x > 0).astype(x.dtype),
+    ),
+    "leaky_relu": (
+        lambda x, s: np.where(x > 0, x, s * x),
+        lambda x, s: np.where(x > 0, 1.0, s).astype(x.dtype),
+    ),
     "tanh": (lambda x, s: np.tanh(x), lambda x, s: 1.0 - np.tanh(x) ** 2),
-    "sigmoid": (lambda x, s: _sigmoid(x),
-                lambda x, s: _sigmoid(x) * (1.0 - _sigmoid(x))),
+    "sigmoid": (
+        lambda x, s: _sigmoid(x),
+        lambda x, s: _sigmoid(x) * (1.0 - _sigmoid(x)),
+    ),
     "sin": (lambda x, s: np.sin(x), lambda x, s: np.cos(x)),
-    "erf": (lambda x, s: special.erf(x),
-            lambda x, s: 2.0 / math.sqrt(math.pi) * np.exp(-x * x)),
-    "gelu": (lambda x, s: x * special.ndtr(x),
-             lambda x, s: special.ndtr(x) + x * np.exp(-0.5 * x * x)
-             / math.sqrt(2.0 * math.pi)),
-    "swish": (lambda x, s: x * _sigmoid(x),
-              lambda x, s: _sigmoid(x) * (1.0 + x * (1.0 - _sigmoid(x)))),
+    "erf": (
+        lambda x, s: special.erf(x),
+        lambda x, s: 2.0 / math.sqrt(math.pi) * np.exp(-x * x),
+    ),
+    "gelu": (
+        lambda x, s: x * special.ndtr(x),
+        lambda x, s: (
+            special.ndtr(x) + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+        ),
+    ),
+    "swish": (
+        lambda x, s: x * _sigmoid(x),
+        lambda x, s: _sigmoid(x) * (1.0 + x * (1.0 - _sigmoid(x))),
+    ),
     "softplus": (lambda x, s: np.logaddexp(0.0, x), lambda x, s: _sigmoid(x)),
 }
 

@@ -54,8 +54,8 @@ class Params:
         for l in range(net.depth):
             n, k = net.widths[l + 1], net.widths[l]
             w0, b0 = net.weight_offsets[l], net.bias_offsets[l]
-            weights.append(theta[w0:w0 + n * k].reshape(n, k))
-            biases.append(theta[b0:b0 + n])
+            weights.append(theta[w0 : w0 + n * k].reshape(n, k))
+            biases.append(theta[b0 : b0 + n])
         self.weights = tuple(weights)
         self.biases = tuple(biases)
 
@@ -106,8 +106,11 @@ class MLP:
         self.depth = len(self.widths) - 1
         self.activation = activation
         self.activation_code = activations.code_of(activation)
-        self.slope = check_nonnegative("slope", slope) if activation == (
-            "leaky_relu") else float(slope)
+        self.slope = (
+            check_nonnegative("slope", slope)
+            if activation == ("leaky_relu")
+            else float(slope)
+        )
         self.C_b = per_layer("C_b", C_b, self.depth)
         self.C_W = per_layer("C_W", C_W, self.depth)
         self._widths = np.asarray(self.widths, dtype=np.int64)
@@ -242,8 +245,9 @@ class MLP:
         x = as_samples("x", x, self.n_in, params.dtype)
         out = np.empty((x.shape[0], self.n_out), dtype=params.dtype)
         with _config.thread_limit(threads):
-            cpu.forward_output(params.theta, self._widths, x, self.activation_code,
-                               self.slope, out)
+            cpu.forward_output(
+                params.theta, self._widths, x, self.activation_code, self.slope, out
+            )
         return out
 
     def preactivations(self, params: Params, x, *, threads=None) -> list:
@@ -260,13 +264,20 @@ class MLP:
         zs = np.empty(total, dtype=params.dtype)
         acts = np.empty(total, dtype=params.dtype)
         with _config.thread_limit(threads):
-            cpu.forward_layers(params.theta, self._widths, x, self.activation_code,
-                               self.slope, zs, acts)
+            cpu.forward_layers(
+                params.theta,
+                self._widths,
+                x,
+                self.activation_code,
+                self.slope,
+                zs,
+                acts,
+            )
         z_list, a_list = [], []
         pos = 0
         for n in self.widths[1:]:
-            z_list.append(zs[pos:pos + P * n].reshape(P, n))
-            a_list.append(acts[pos:pos + P * n].reshape(P, n))
+            z_list.append(zs[pos : pos + P * n].reshape(P, n))
+            a_list.append(acts[pos : pos + P * n].reshape(P, n))
             pos += P * n
         return z_list, a_list
 
@@ -281,8 +292,7 @@ def _check_widths(widths) -> tuple:
         ) from None
     if len(seq) < 2:
         raise ValueError(
-            f"widths: expected at least two entries [n_in, ..., n_out], received "
-            f"{seq}"
+            f"widths: expected at least two entries [n_in, ..., n_out], received {seq}"
         )
     out = []
     for i, w in enumerate(seq):
