@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="debug log, and tracebacks on errors",
         )
         for opt in config.options_for(command):
-            default_text = "auto" if opt.default is None else opt.default
+            default = config.default_of(command, opt)
+            default_text = "auto" if default is None else default
             if isinstance(default_text, list):
                 default_text = ",".join(map(str, default_text))
             help_text = f"{opt.help} (default: {default_text})"

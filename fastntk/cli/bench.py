@@ -1,16 +1,16 @@
 """``fastntk bench``: fastntk against the NumPy reference, on this machine.
 
-Three measurements on one small network (widths [32, 128, 128, 4], 128 samples,
-relu, layerwise rates), each the median of ``--repeat`` timings after a first
-call that compiles the kernels (its time is reported apart):
+Three measurements on one small network (by default widths [32, 128, 128, 4],
+128 samples, relu, layerwise rates), each the median of ``--repeat`` timings
+after a first call that compiles the kernels (its time is reported apart):
 
 - the NTK (full outputs): :func:`fastntk.ntk` against the reference Jacobian
   contraction (``fastntk.reference.jacobian``, then J lambda J^T with the
   diagonal learning-rate tensor);
 - the gradient of the MSE loss: :func:`fastntk.gradient` against
   ``fastntk.reference.gradient``;
-- 20 steps of full-batch gradient descent: :func:`fastntk.train` against a
-  NumPy loop of reference gradients.
+- ``--steps`` steps (default 10) of full-batch gradient descent:
+  :func:`fastntk.train` against a NumPy loop of reference gradients.
 
 Each row also gives the largest relative difference from the reference.  With
 ``--full`` and a source checkout, the side-by-side scripts
@@ -34,9 +34,8 @@ from fastntk.kernels import reference
 
 logger = logging.getLogger(__name__)
 
-WIDTHS = [32, 128, 128, 4]
-SAMPLES = 128
-GD_STEPS = 20
+#: Input and output widths of the benchmarked network.
+N_IN, N_OUT = 32, 4
 
 #: Side-by-side scripts of a source checkout and their quick options.
 SCRIPTS = {
@@ -64,7 +63,15 @@ def _relative(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
-def measure(dtype="float64", repeat=5, seed=0, threads=None) -> list:
+def measure(
+    dtype="float64",
+    repeat=5,
+    seed=0,
+    threads=None,
+    hidden=(128, 128),
+    samples=128,
+    steps=10,
+) -> list:
     """Time fastntk and the reference; one dict per measured operation.
 
     Parameters
@@ -74,6 +81,12 @@ def measure(dtype="float64", repeat=5, seed=0, threads=None) -> list:
         Timings per measurement (the median is kept).
     seed : int
     threads : int, optional
+    hidden : sequence of int
+        Hidden widths (inputs 32, outputs 4).
+    samples : int
+        Samples P.
+    steps : int
+        Gradient-descent steps of the training measurement.
 
     Returns
     -------
@@ -82,11 +95,11 @@ def measure(dtype="float64", repeat=5, seed=0, threads=None) -> list:
         ``first_call_s`` (fastntk's first call, compilation included) and
         ``max_rel_error``.
     """
-    net = fastntk.MLP(WIDTHS, activation="relu")
+    net = fastntk.MLP([N_IN, *hidden, N_OUT], activation="relu")
     params = net.init(seed=seed, dtype=dtype)
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((SAMPLES, WIDTHS[0])).astype(dtype)
-    y = rng.standard_normal((SAMPLES, WIDTHS[-1])).astype(dtype)
+    x = rng.standard_normal((samples, N_IN)).astype(dtype)
+    y = rng.standard_normal((samples, N_OUT)).astype(dtype)
     rates = fastntk.rates.layerwise(net)
     diag = rates.diagonal_vector(net)
     loss = fastntk.MSE()
@@ -96,17 +109,14 @@ def measure(dtype="float64", repeat=5, seed=0, threads=None) -> list:
     def ref_ntk():
         J = reference.jacobian(net, params, x).astype(np.float64)
         flat = J.reshape(-1, net.n_params)
-        return (
-            ((flat * diag) @ flat.T)
-            .reshape(SAMPLES, WIDTHS[-1], SAMPLES, WIDTHS[-1])
-            .transpose(0, 2, 1, 3)
-        )
+        H = (flat * diag) @ flat.T
+        return H.reshape(samples, N_OUT, samples, N_OUT).transpose(0, 2, 1, 3)
 
     fast, first, H = _median_time(
         lambda: fastntk.ntk(net, params, x, rates=rates, threads=threads), repeat
     )
     ref, _, H_ref = _median_time(ref_ntk, repeat)
-    rows.append(_row(f"ntk P={SAMPLES} full", fast, ref, first, _relative(H, H_ref)))
+    rows.append(_row(f"ntk P={samples} full", fast, ref, first, _relative(H, H_ref)))
 
     # the gradient of the summed MSE
     fast, first, g = _median_time(
@@ -116,14 +126,14 @@ def measure(dtype="float64", repeat=5, seed=0, threads=None) -> list:
     ref, _, g_ref = _median_time(
         lambda: reference.gradient(net, params, x, y, loss), repeat
     )
-    rows.append(_row(f"gradient P={SAMPLES}", fast, ref, first, _relative(g, g_ref)))
+    rows.append(_row(f"gradient P={samples}", fast, ref, first, _relative(g, g_ref)))
 
     # full-batch gradient descent
     lr = 1e-3
 
     def ref_train():
         theta = params.theta.astype(np.float64).copy()
-        for _ in range(GD_STEPS):
+        for _ in range(steps):
             p = net.params(theta.astype(params.dtype))
             theta -= lr * diag * reference.gradient(net, p, x, y, loss)
         return theta
@@ -137,16 +147,16 @@ def measure(dtype="float64", repeat=5, seed=0, threads=None) -> list:
             loss=loss,
             lr=lr,
             rates=rates,
-            steps=GD_STEPS,
-            record_every=GD_STEPS,
+            steps=steps,
+            record_every=steps,
             threads=threads,
         ),
         repeat,
     )
-    ref, _, theta_ref = _median_time(ref_train, max(1, repeat // 2))
+    ref, _, theta_ref = _median_time(ref_train, 1)
     rows.append(
         _row(
-            f"train {GD_STEPS} GD steps",
+            f"train {steps} GD steps",
             fast,
             ref,
             first,
@@ -167,14 +177,14 @@ def _row(task, fast, ref, first, err):
     }
 
 
-def format_table(rows, dtype) -> str:
+def format_table(rows, dtype, widths) -> str:
     """The measurements as a fixed-width text table."""
     head = (
         f"{'task':<24} {'fastntk':>10} {'reference':>10} {'speed-up':>9} "
         f"{'1st call':>9} {'max rel err':>12}"
     )
     lines = [
-        f"fastntk bench: MLP {WIDTHS} relu, {dtype}, median times",
+        f"fastntk bench: MLP {widths} relu, {dtype}, median times",
         head,
         "-" * len(head),
     ]
@@ -205,8 +215,17 @@ def command(cfg) -> int:
         "fastntk bench: timing fastntk and the NumPy reference (%s)", cfg["dtype"]
     )
     with thread_limit(cfg["threads"]):
-        rows = measure(cfg["dtype"], cfg["repeat"], cfg["seed"], cfg["threads"])
-    print(format_table(rows, cfg["dtype"]))
+        rows = measure(
+            cfg["dtype"],
+            cfg["repeat"],
+            cfg["seed"],
+            cfg["threads"],
+            hidden=cfg["hidden"],
+            samples=cfg["samples"],
+            steps=cfg["steps"],
+        )
+    widths = [N_IN, *cfg["hidden"], N_OUT]
+    print(format_table(rows, cfg["dtype"], widths))
     if cfg["out"] is not None:
         from fastntk.cli.report import versions, write_json
 
@@ -215,8 +234,8 @@ def command(cfg) -> int:
             {
                 "rows": rows,
                 "versions": versions(),
-                "widths": WIDTHS,
-                "samples": SAMPLES,
+                "widths": widths,
+                "samples": cfg["samples"],
             },
         )
     if not cfg["full"]:

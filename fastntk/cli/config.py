@@ -246,7 +246,7 @@ OPTIONS = (
         "hidden",
         [256, 256],
         _widths,
-        ("run", "ntk"),
+        ALL,
         "hidden widths, comma separated",
         metavar="W,W",
     ),
@@ -305,7 +305,7 @@ OPTIONS = (
         "training set (scaled by the loss's reduction)",
         metavar="LR",
     ),
-    Option("steps", 500, _integer(1), ("run",), "training steps", metavar="T"),
+    Option("steps", 500, _integer(1), ("run", "bench"), "training steps", metavar="T"),
     Option(
         "batch_size",
         None,
@@ -404,6 +404,14 @@ OPTIONS = (
     ),
     # benchmark command
     Option(
+        "samples",
+        128,
+        _integer(1),
+        ("bench",),
+        "samples of the benchmarked network",
+        metavar="P",
+    ),
+    Option(
         "repeat",
         5,
         _integer(1),
@@ -425,10 +433,18 @@ OPTIONS = (
 #: Output location default per command.
 OUT_DEFAULTS = {"run": "fastntk-report", "ntk": "ntk.npy", "bench": None}
 
+#: Defaults that differ from an option's own for one command.
+COMMAND_DEFAULTS = {"bench": {"hidden": [128, 128], "steps": 10}}
+
 
 def options_for(command):
     """The options of ``command``, in declaration order."""
     return [o for o in OPTIONS if command in o.commands]
+
+
+def default_of(command, option):
+    """Default value of ``option`` for ``command``."""
+    return COMMAND_DEFAULTS.get(command, {}).get(option.name, option.default)
 
 
 def read_toml(path) -> dict:
@@ -470,7 +486,7 @@ def resolve(command, given: dict, config_path=None) -> dict:
         Every option of the command, plus ``out``, ``quiet`` and ``verbose``.
     """
     known = {o.name: o for o in options_for(command)}
-    settings = {name: o.default for name, o in known.items()}
+    settings = {name: default_of(command, o) for name, o in known.items()}
     settings["out"] = OUT_DEFAULTS[command]
 
     # the file: top-level keys (options of any command; those of other commands

@@ -64,7 +64,11 @@ def _peak_rss_bytes() -> int:
 
 
 def _mib(n) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    # A byte count in the largest binary unit that keeps it >= 1.
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def command(cfg) -> int:
