@@ -119,21 +119,198 @@ def test_bad_inputs(rng):
     params = net.init(seed=0)
     x = rng.standard_normal((4, 3))
     other = fastntk.MLP([3, 6, 2])
-    with pytest.raises(ValueError, match="x2: expected shape"):
-        fastntk.ntk(net, params, x, rng.standard_normal((4, 2)))
-    with pytest.raises(ValueError, match="rates: expected"):
-        fastntk.ntk(net, params, x, rates=R.layerwise(other))
-    with pytest.raises(ValueError, match="rates: expected a diagonal"):
-        fastntk.ntk(net, params, x, rates=R.diagonal(np.ones(other.n_params)))
-    with pytest.raises(ValueError, match="outputs: expected"):
-        fastntk.ntk(net, params, x, outputs="sum")
-    with pytest.raises(ValueError, match="method: expected"):
-        fastntk.ntk(net, params, x, method="fast")
-    with pytest.raises(ValueError, match="method: 'structured' needs"):
-        fastntk.ntk(
-            net, params, x, rates=R.diagonal(np.ones(net.n_params)), method="structured"
-        )
+    dense = R.dense(np.eye(net.n_params))
+    cases = [
+        (ValueError, "x2: expected shape", dict(x2=rng.standard_normal((4, 2)))),
+        (ValueError, "x1: expected shape", dict(x1=rng.standard_normal((4, 2)))),
+        (ValueError, "rates: expected", dict(rates=R.layerwise(other))),
+        (
+            ValueError,
+            "rates: expected a diagonal",
+            dict(rates=R.diagonal(np.ones(other.n_params))),
+        ),
+        (ValueError, "outputs: expected", dict(outputs="sum")),
+        (ValueError, "method: expected", dict(method="fast")),
+        (
+            ValueError,
+            "method: 'structured' needs",
+            dict(rates=R.diagonal(np.ones(net.n_params)), method="structured"),
+        ),
+        (ValueError, "per_layer: per-layer kernels", dict(rates=dense, per_layer=True)),
+        (ValueError, "memory_limit: expected at least", dict(memory_limit=100)),
+        (ValueError, "memory_limit: expected an integer", dict(memory_limit=0)),
+        (ValueError, "block_size: expected an integer", dict(block_size=0)),
+        (TypeError, "x1: expected dtype float64", dict(x1=x.astype(np.float32))),
+        (ValueError, "x1: expected finite", dict(x1=np.full((2, 3), np.nan))),
+        (ValueError, "backend: expected", dict(backend="tpu")),
+        (TypeError, "threads: expected", dict(threads=1.5)),
+    ]
+    sentinel = np.full((4, 4, 2, 2), 7.0)
+    for error, message, change in cases:
+        kw = dict(x1=x, out=sentinel)
+        kw.update(change)
+        with pytest.raises(error, match=message):
+            fastntk.ntk(net, params, **kw)
+        # nothing was written before the error
+        assert np.all(sentinel == 7.0), message
     with pytest.raises(ValueError, match="out: expected shape"):
         fastntk.ntk(net, params, x, out=np.empty((4, 4)))
     with pytest.raises(TypeError, match="out: expected dtype"):
         fastntk.ntk(net, params, x, out=np.empty((4, 4, 2, 2), np.float32))
+    with pytest.raises(ValueError, match="out: expected a C-contiguous"):
+        fastntk.ntk(net, params, x, out=np.empty((4, 4, 2, 4))[..., ::2])
+    with pytest.raises(TypeError, match="net: expected fastntk.MLP"):
+        fastntk.ntk("mlp", params, x)
+    with pytest.raises(TypeError, match="params: expected"):
+        fastntk.ntk(net, params.theta, x)
+
+
+def test_refuses_a_result_larger_than_memory(monkeypatch, rng):
+    from fastntk.engines import ntk as engine
+
+    net = fastntk.MLP([3, 5, 2])
+    params = net.init(seed=0)
+    monkeypatch.setattr(engine, "available_memory", lambda: 1000)
+    with pytest.raises(MemoryError, match="out=np.memmap"):
+        fastntk.ntk(net, params, rng.standard_normal((40, 3)))
+    # a caller-supplied result is not checked against available memory
+    out = np.empty((40, 40))
+    fastntk.ntk(net, params, rng.standard_normal((40, 3)), outputs="trace", out=out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_diagonal_rates_of_layerwise_values_match_structured(dtype, rng):
+    # the same tensor given as a per-parameter diagonal takes the Jacobian path
+    net = fastntk.MLP([4, 7, 6, 3], activation="swish", C_b=0.2)
+    params = net.init(seed=5, dtype=dtype)
+    x1 = rng.standard_normal((6, 4)).astype(dtype)
+    x2 = rng.standard_normal((9, 4)).astype(dtype)
+    layerwise = R.layerwise(net, [0.5, 1.0, 2.0], [1.5, 0.3, 1.0])
+    diagonal = R.diagonal(layerwise.diagonal_vector(net))
+    for outputs in ("full", "trace", "diagonal"):
+        hs = fastntk.ntk(net, params, x1, x2, layerwise, outputs=outputs)
+        hj = fastntk.ntk(net, params, x1, x2, diagonal, outputs=outputs)
+        assert_close(hj, hs, "algorithms", dtype, f"jacobian vs structured {outputs}")
+
+
+def test_one_step_change_of_outputs(rng):
+    # Delta z_{i;d} = -eta sum_{j, a} H[d, a, i, j] eps_{j;a} + O(eta^2)
+    net = fastntk.MLP([3, 16, 12, 2], activation="tanh", C_b=0.1)
+    params = net.init(seed=6)
+    x, xt = rng.standard_normal((8, 3)), rng.standard_normal((5, 3))
+    y = rng.standard_normal((8, 2))
+    rates = R.layerwise(net, 0.7, 1.3)
+    H = fastntk.ntk(net, params, xt, x, rates)
+    eps = net.apply(params, x) - y
+    predicted = -np.einsum("daij,aj->di", H, eps)
+    g = fastntk.gradient(net, params, x, y, loss=fastntk.MSE())
+    gaps = []
+    for eta in (1e-3, 5e-4):
+        moved = net.params(params.theta - eta * rates.apply(net, g))
+        actual = (net.apply(moved, xt) - net.apply(params, xt)) / eta
+        gaps.append(np.abs(actual - predicted).max())
+    # the gap is O(eta): halving eta halves it
+    assert gaps[0] < 1e-2 * np.abs(predicted).max()
+    assert 1.6 < gaps[0] / gaps[1] < 2.4, gaps
+
+
+@pytest.mark.parametrize("method", ["structured", "jacobian"])
+def test_blocked_chunked_and_memmap_equal_unblocked(method, rng, tmp_path):
+    net = fastntk.MLP([5, 9, 8, 3], activation="relu", C_b=0.3)
+    params = net.init(seed=7)
+    x1 = rng.standard_normal((37, 5))
+    x2 = rng.standard_normal((23, 5))
+    for xx in (None, x2):
+        for outputs in ("full", "trace", "diagonal"):
+            whole = fastntk.ntk(net, params, x1, xx, outputs=outputs, method=method)
+            for block_size in (1, 5, 16):
+                blocked = fastntk.ntk(
+                    net,
+                    params,
+                    x1,
+                    xx,
+                    outputs=outputs,
+                    method=method,
+                    block_size=block_size,
+                )
+                assert_close(
+                    blocked,
+                    whole,
+                    "algorithms",
+                    np.float64,
+                    f"block_size={block_size} {outputs}",
+                )
+            # a memory limit small enough that features are recomputed per block
+            small = fastntk.ntk(
+                net,
+                params,
+                x1,
+                xx,
+                outputs=outputs,
+                method=method,
+                memory_limit=40_000,
+            )
+            assert_close(small, whole, "algorithms", np.float64, "memory_limit")
+    path = tmp_path / "kernel.dat"
+    shape = (net.depth, 37, 37, 3)
+    mm = np.memmap(path, dtype=np.float64, mode="w+", shape=shape)
+    got = fastntk.ntk(
+        net,
+        params,
+        x1,
+        outputs="diagonal",
+        per_layer=True,
+        method=method,
+        block_size=8,
+        out=mm,
+    )
+    assert got is mm
+    mm.flush()
+    del mm, got
+    back = np.memmap(path, dtype=np.float64, mode="r", shape=shape)
+    whole = fastntk.ntk(net, params, x1, outputs="diagonal", per_layer=True)
+    assert_close(np.asarray(back), whole, "algorithms", np.float64, "memmap")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_and_two_threads_agree(dtype, rng):
+    net = fastntk.MLP([6, 40, 30, 2], activation="gelu", C_b=0.1)
+    params = net.init(seed=8, dtype=dtype)
+    x = rng.standard_normal((300, 6)).astype(dtype)
+    h1 = fastntk.ntk(net, params, x, outputs="trace", threads=1)
+    h2 = fastntk.ntk(net, params, x, outputs="trace", threads=2)
+    assert_close(h1, h2, "algorithms", dtype, "1 vs 2 threads")
+
+
+def test_concurrent_calls_from_python_threads(rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = fastntk.MLP([4, 20, 3], activation="tanh")
+    params = net.init(seed=9)
+    xs = [rng.standard_normal((60 + 7 * k, 4)) for k in range(4)]
+    expected = [fastntk.ntk(net, params, x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: fastntk.ntk(net, params, x, block_size=16), xs))
+    for g, e in zip(got, expected):
+        assert_close(g, e, "algorithms", np.float64, "concurrent call")
+
+
+def test_odd_shapes_and_noncontiguous_input(rng):
+    net = fastntk.MLP([3, 1, 1], activation="leaky_relu", slope=0.2, C_b=0.5)
+    params = net.init(seed=10)
+    wide = rng.standard_normal((4, 6))
+    x = wide[:, ::2]  # not contiguous
+    one = rng.standard_normal((1, 3))
+    for x1, x2 in ((x, one), (one, None), (x, None)):
+        ref = fastntk.reference.ntk(net, params, np.ascontiguousarray(x1), x2)
+        got = fastntk.ntk(net, params, x1, x2)
+        assert_close(got, ref, "reference", np.float64, "odd shapes")
+
+
+def test_flop_count():
+    net = fastntk.MLP([64, 256, 256, 1])
+    sym = fastntk.ntk_flops(net, 1000, outputs="trace")
+    cross = fastntk.ntk_flops(net, 1000, 1000, outputs="trace")
+    jac = fastntk.ntk_flops(net, 1000, 1000, outputs="trace", method="jacobian")
+    assert 0.5 * cross < sym < 0.6 * cross
+    assert jac > 50 * cross
