@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import time
 
@@ -44,6 +45,8 @@ from fastntk.kernels.activations import (
     TANH,
 )
 from fastntk.kernels.cpu import CROSS_ENTROPY, MSE
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "LAUNCH",
@@ -243,8 +246,9 @@ def _gemm_kernel(dtype, ty, tx, rm, rn, bk):
 
     @cuda.jit(**CUDA_JIT)
     def kernel(A, B, C, trans_a, trans_b):
-        sa = cuda.shared.array((bk, bm), nbtype)
-        sb = cuda.shared.array((bk, bn), nbtype)
+        # one padding column keeps the staging stores free of bank conflicts
+        sa = cuda.shared.array((bk, bm + 1), nbtype)
+        sb = cuda.shared.array((bk, bn + 1), nbtype)
         acc = cuda.local.array((rm, rn), nbtype)
         ra = cuda.local.array(rm, nbtype)
         rb = cuda.local.array(rn, nbtype)
@@ -314,7 +318,12 @@ def _cupy():
         return None
     try:
         import cupy
-    except Exception:  # CuPy missing or built for another CUDA
+
+        # one small product proves that CuPy's CUDA matches the driver
+        cupy.matmul(cupy.ones((2, 2)), cupy.ones((2, 2)))
+    except Exception as exc:  # CuPy missing or built for another CUDA
+        if not isinstance(exc, ImportError):
+            logger.warning("CuPy is installed but unusable (%s); using numba GEMM", exc)
         return None
     return cupy
 
