@@ -15,7 +15,8 @@ The kernel is computed tile by tile: rows and columns are cut into blocks of
 samples, each tile's products run on the device, and the tile goes either into
 a device result or back to the host result (a NumPy array or a ``numpy.memmap``),
 through pinned staging buffers on two CUDA streams so that a tile's transfer
-overlaps the next tile's computation.  Per-sample features (layer inputs and
+overlaps the next tile's computation (tiles made of whole rows of the result go
+straight into it).  Per-sample features (layer inputs and
 output derivatives) are computed once per block and kept on the device when they
 fit; otherwise they are recomputed for each tile.  With ``x2=None`` only the
 tiles on and above the diagonal are computed and the others are their mirror.
@@ -399,7 +400,6 @@ class _Scratch:
         self.pinned = None
         if host_result:
             self.tile = cuda.device_array(plan.per_pair_out * m * m, dtype)
-            self.pinned = cuda.pinned_array(plan.per_pair_out * m * m, dtype)
         self.js = None
         if args.method == "jacobian":
             self.js = cuda.device_array((m * n_out, args.net.n_params), dtype)
@@ -551,9 +551,23 @@ def _ntk_device(args, result, result_kind, budget):
 
         # the mirrored tile below the diagonal, or the copy back to the host
         if host_result:
-            pinned = buf.pinned[:count].reshape(shape)
-            tile.copy_to_host(pinned, stream=stream)
-            pending[s] = (pinned, r0, r1, c0, c1, args.symmetric and i != j)
+            mirrored = args.symmetric and i != j
+            rows_of = target[:, r0:r1] if args.per_layer else target[r0:r1]
+            if (
+                c0 == 0
+                and c1 == plan.P2
+                and not mirrored
+                and rows_of.flags.c_contiguous
+            ):
+                # whole rows of the result: straight into it, no staging
+                tile.copy_to_host(rows_of, stream=stream)
+            else:
+                # pinned staging, stored on the host when the slot comes round
+                if buf.pinned is None:
+                    buf.pinned = cuda.pinned_array(buf.tile.shape[0], dt)
+                pinned = buf.pinned[:count].reshape(shape)
+                tile.copy_to_host(pinned, stream=stream)
+                pending[s] = (pinned, r0, r1, c0, c1, mirrored)
         elif args.symmetric and i != j:
             if args.per_layer:
                 for l in range(depth):

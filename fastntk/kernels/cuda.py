@@ -373,17 +373,25 @@ def _cupy_stream(stream):
 
 
 class _GemmProfile:
-    """Operation count and wall time of the matrix products run under it."""
+    """Operation count and device time of the matrix products run under it."""
 
     def __init__(self):
         self.flops = 0.0
         self.seconds = 0.0
         self.calls = 0
+        self._events = []
 
     @property
     def rate(self) -> float:
         """Floating-point operations per second of the recorded products."""
         return self.flops / self.seconds if self.seconds > 0 else 0.0
+
+    def _close(self):
+        # Sum the event pairs once the device has finished.
+        cuda.synchronize()
+        for start, stop in self._events:
+            self.seconds += start.elapsed_time(stop) / 1e3
+        self._events = []
 
 
 _PROFILE: list = []
@@ -391,15 +399,17 @@ _PROFILE: list = []
 
 @contextlib.contextmanager
 def gemm_profile():
-    """Record the work and time of every :func:`gemm` call in a block.
+    """Record the work and device time of every :func:`gemm` call in a block.
 
-    Each product is bracketed by device synchronizations while recording, which
-    removes any overlap between products and other work; use it to measure the
-    matrix-product phase, not the whole computation.
+    On a GPU each product is bracketed by CUDA events on its stream, which
+    neither synchronizes nor changes the overlap of the work; the times are
+    summed when the block exits.  Under the simulator (whose events do not
+    time) each product is bracketed by synchronizations and host timers.
 
     Yields
     ------
     profile : object with ``flops``, ``seconds``, ``calls`` and ``rate``
+        ``seconds`` and ``rate`` are complete once the block has exited.
     """
     profile = _GemmProfile()
     _PROFILE.append(profile)
@@ -407,6 +417,33 @@ def gemm_profile():
         yield profile
     finally:
         _PROFILE.remove(profile)
+        profile._close()
+
+
+def _profile_start(stream):
+    # A CUDA event on a GPU, a host time after synchronizing under the simulator.
+    if numba.config.ENABLE_CUDASIM:
+        cuda.synchronize()
+        return time.perf_counter()
+    event = cuda.event()
+    event.record(stream)
+    return event
+
+
+def _profile_stop(start, stream, flops):
+    if numba.config.ENABLE_CUDASIM:
+        cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        for profile in _PROFILE:
+            profile.seconds += elapsed
+    else:
+        stop = cuda.event()
+        stop.record(stream)
+        for profile in _PROFILE:
+            profile._events.append((start, stop))
+    for profile in _PROFILE:
+        profile.flops += flops
+        profile.calls += 1
 
 
 def gemm(A, B, C, trans_a=False, trans_b=False, stream=0):
@@ -425,9 +462,7 @@ def gemm(A, B, C, trans_a=False, trans_b=False, stream=0):
     Products accumulate in the arrays' dtype (cuBLAS does the same).  Any
     strides are accepted; C must not overlap A or B.
     """
-    if _PROFILE:
-        cuda.synchronize()
-        start = time.perf_counter()
+    start = _profile_start(stream) if _PROFILE else None
     if blas_name() == "cublas":
         cp = _cupy()
         a, b, c = to_cupy(A), to_cupy(B), to_cupy(C)
@@ -439,14 +474,9 @@ def gemm(A, B, C, trans_a=False, trans_b=False, stream=0):
         M, N = C.shape
         grid = (max(1, -(-N // (tx * rn))), max(1, -(-M // (ty * rm))))
         kernel[grid, (tx, ty), stream](A, B, C, bool(trans_a), bool(trans_b))
-    if _PROFILE:
-        cuda.synchronize()
-        elapsed = time.perf_counter() - start
+    if start is not None:
         K = A.shape[0] if trans_a else A.shape[1]
-        for profile in _PROFILE:
-            profile.flops += 2.0 * C.shape[0] * C.shape[1] * K
-            profile.seconds += elapsed
-            profile.calls += 1
+        _profile_stop(start, stream, 2.0 * C.shape[0] * C.shape[1] * K)
 
 
 # -- forward and backward passes ------------------------------------------------
