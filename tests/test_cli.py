@@ -56,6 +56,12 @@ def _one_error_line(capsys):
     return errors[0]
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    # default outputs (fastntk-report/, ntk.npy) land in a temporary folder
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
     pytest.importorskip("matplotlib")
@@ -362,8 +368,7 @@ def test_help_of_every_command(capsys):
         (["run", "--config", "missing.toml"], "--config: file not found"),
     ],
 )
-def test_bad_input_is_one_line(args, expected, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_bad_input_is_one_line(args, expected, capsys):
     assert main(args) != 0
     assert expected in _one_error_line(capsys)
 

@@ -232,8 +232,21 @@ def _plot_one_step(path, report, arrays, title):
     ax.set_xlabel("predicted change of the outputs, -lr H eps")
     ax.set_ylabel("actual change after one gradient step")
     ax.set_title(
-        f"One step: NTK prediction vs actual (lr = {one['lr']:.3g}, residual "
-        f"~ lr^{one['residual_order']:.2f})\n{title}"
+        f"One gradient step: NTK prediction vs actual (lr = {one['lr']:.3g})\n{title}"
+    )
+    fits = one.get("orders", {})
+    lines = ["residual ~ lr^p over lr, lr/2, lr/4:"] + [
+        f"  order {k} prediction: p = {v['exponent']:.2f}" for k, v in fits.items()
+    ]
+    ax.text(
+        0.98,
+        0.02,
+        "\n".join(lines),
+        transform=ax.transAxes,
+        ha="right",
+        va="bottom",
+        fontsize=8,
+        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8},
     )
     ax.legend(loc="upper left")
     ax.grid(True, alpha=0.3)

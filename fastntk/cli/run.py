@@ -7,9 +7,10 @@ The job, step by step:
 2. network: an MLP at initialization and a layerwise learning-rate tensor;
 3. kernel: the NTK on the training set and between test and training sets, its
    eigenvalues (which also give the automatic learning rate 1 / lambda_max);
-4. one step: the output change predicted by the kernel, -lr H eps, against the
-   actual change after one gradient step, on training and test inputs, and the
-   order of the residual (halving lr should divide it by about four);
+4. one step (:class:`fastntk.theory.OneStep`): the output change predicted by
+   the kernel, -lr H eps, against the actual change after one gradient step, on
+   training and test inputs, and the order of the residual (halving lr should
+   divide it by about four), also with the second- and third-order terms;
 5. training: gradient descent (or SGD) with train/test losses, accuracies, and
    snapshots of the kernel to measure its relative drift;
 6. linearized model (MSE with full-batch descent): the outputs of gradient
@@ -166,10 +167,24 @@ def run_job(cfg, *, show_progress=False) -> dict:
         },
     }
 
-    # 3. the kernel at initialization: train x train and test x train
+    # 3. the kernel at initialization: train x train (through the one-step
+    # toolkit, which keeps it for its predictions) and test x train
+    from fastntk.theory import OneStep
+
     with timer("ntk"):
-        H_AA = fastntk.ntk(net, params0, ds.x_train, rates=rates)
-        H_BA = fastntk.ntk(net, params0, ds.x_test, ds.x_train, rates=rates)
+        step = OneStep(
+            net,
+            params0,
+            ds.x_train,
+            ds.y_train,
+            loss=loss,
+            rates=rates,
+            threads=cfg["threads"],
+        )
+        H_AA = step.kernel()
+        H_BA = fastntk.ntk(
+            net, params0, ds.x_test, ds.x_train, rates=rates, threads=cfg["threads"]
+        )
     P = ds.x_train.shape[0]
     H_mat = _as_matrix(H_AA)
     with timer("spectrum"):
@@ -191,9 +206,7 @@ def run_job(cfg, *, show_progress=False) -> dict:
 
     # 4. one step predicted through the kernel vs the actual step
     with timer("one_step"):
-        step_report, step_arrays = _one_step_check(
-            net, params0, ds, loss, rates, lr, H_AA, H_BA
-        )
+        step_report, step_arrays = _one_step_check(step, ds, lr)
     report["one_step"] = step_report
     arrays.update(step_arrays)
 
@@ -279,67 +292,60 @@ def _kernel_stats(H, H_trace, eig):
     return stats
 
 
-def _step_params(net, params, x, y, loss, rates, lr):
-    # Parameters after one full-batch step theta - lr * lambda dL/dtheta.
-    grad = fastntk.gradient(net, params, x, y, loss=loss)
-    step = rates.apply(net, grad)
-    return net.params(params.theta - params.dtype.type(lr) * step), grad, step
+#: Activations smooth enough for the second- and third-order terms of a step
+#: (relu-like ones have no curvature between their kinks).
+SMOOTH = ("tanh", "sigmoid", "sin", "erf", "gelu", "swish", "softplus")
 
 
-def _one_step_check(net, params, ds, loss, rates, lr, H_AA, H_BA):
-    """Predicted output change -lr H eps against the actual step's change."""
-    z0_tr = net.apply(params, ds.x_train)
-    z0_te = net.apply(params, ds.x_test)
-    value0, eps = loss.value_and_error(z0_tr, ds.y_train)
+def _one_step_check(step, ds, lr):
+    """One real step against the kernel's predictions (fastntk.theory.OneStep).
 
-    # first-order predictions: delta z_d = -lr sum_b H[d, b] eps_b (outputs), and
-    # delta L = -lr g^T lambda g (loss)
-    unit_tr = -np.einsum("abij,bj->ai", H_AA, eps)
-    unit_te = -np.einsum("abij,bj->ai", H_BA, eps)
+    First order: the loss change -lr eps^T H eps (and -lr g^T lambda g), the
+    output change -lr H eps on training and test inputs, with the exponent of
+    the residual over lr, lr/2, lr/4 (about 2).  For smooth activations the
+    predictions of order 2 and 3 (Taylor-mode terms) too (exponents about 3
+    and 4).
+    """
+    # first order, at lr, lr/2, lr/4; the prediction at lr is the first
+    fit_tr = step.residual_order("outputs", lr)
+    fit_te = step.residual_order("outputs", lr, x_eval=ds.x_test)
+    out_tr, out_te = fit_tr.predictions[0], fit_te.predictions[0]
+    loss_change = step.loss_change(lr)
+    fits = {"1": fit_te}
 
-    # actual changes after one step, at lr, lr/2, lr/4 (order of the residual)
-    residuals, rows = [], {}
-    for factor in (1.0, 0.5, 0.25):
-        eta = lr * factor
-        p1, grad, step = _step_params(
-            net, params, ds.x_train, ds.y_train, loss, rates, eta
-        )
-        d_tr = net.apply(p1, ds.x_train) - z0_tr
-        d_te = net.apply(p1, ds.x_test) - z0_te
-        actual = np.concatenate([d_tr.ravel(), d_te.ravel()])
-        predicted = eta * np.concatenate([unit_tr.ravel(), unit_te.ravel()])
-        residuals.append(float(np.linalg.norm(actual - predicted)))
-        if factor == 1.0:
-            rows = {
-                "pred_train": eta * unit_tr,
-                "actual_train": d_tr,
-                "pred_test": eta * unit_te,
-                "actual_test": d_te,
-            }
-            loss_pred = -eta * float(
-                np.dot(grad.astype(np.float64), step.astype(np.float64))
+    # higher orders along the step direction
+    if step.net.activation in SMOOTH:
+        for order in (2, 3):
+            fits[str(order)] = step.residual_order(
+                "outputs", lr, x_eval=ds.x_test, order=order
             )
-            loss_pred_kernel = -eta * float(np.einsum("ai,abij,bj->", eps, H_AA, eps))
-            loss_actual = loss.value(net.apply(p1, ds.x_train), ds.y_train) - value0
-
-    # fitted exponent of residual ~ lr^p
-    lrs = np.log(np.array([1.0, 0.5, 0.25]) * lr)
-    res = np.log(np.maximum(residuals, 1e-300))
-    exponent = float(np.polyfit(lrs, res, 1)[0])
-
-    def rel(pred, act):
-        return float(np.linalg.norm(act - pred) / max(np.linalg.norm(act), 1e-300))
 
     report = {
         "lr": lr,
-        "relative_error_train": rel(rows["pred_train"], rows["actual_train"]),
-        "relative_error_test": rel(rows["pred_test"], rows["actual_test"]),
-        "loss_change_actual": loss_actual,
-        "loss_change_predicted_gradient": loss_pred,
-        "loss_change_predicted_kernel": loss_pred_kernel,
-        "residual_norms": dict(zip(["lr", "lr/2", "lr/4"], residuals, strict=True)),
-        "residual_order": exponent,
-        "source": "fastntk.ntk (-lr H eps) vs one gradient step",
+        "relative_error_train": out_tr.relative_residual,
+        "relative_error_test": out_te.relative_residual,
+        "loss_change_actual": float(loss_change.actual),
+        "loss_change_predicted_kernel": float(loss_change.predicted),
+        "loss_change_predicted_gradient": float(loss_change.extra["gradient_form"]),
+        "residual_order": fit_te.exponent,
+        "residual_order_train": fit_tr.exponent,
+        "orders": {
+            k: {
+                "exponent": fit.exponent,
+                "lrs": fit.lrs.tolist(),
+                "residual_norms": fit.residuals.tolist(),
+                "relative_residual": fit.predictions[0].relative_residual,
+            }
+            for k, fit in fits.items()
+        },
+        "source": "fastntk.theory.OneStep: -lr H eps against one step of "
+        "fastntk.train; higher orders by Taylor-mode derivatives",
+    }
+    rows = {
+        "pred_train": out_tr.predicted,
+        "actual_train": out_tr.actual,
+        "pred_test": out_te.predicted,
+        "actual_test": out_te.actual,
     }
     return report, rows
 
