@@ -6,12 +6,13 @@ import warnings
 
 import numpy as np
 import pytest
-from tolerances import assert_close
 
 import fastntk
 from fastntk import rates as R
 from fastntk import reference
 from fastntk.engines import train as train_mod
+
+from tolerances import assert_close
 
 WIDTHS = [3, 7, 5, 2]
 
@@ -69,13 +70,17 @@ def _check_steps(net, thetas, batches, x, y, loss, lr, rates, what):
 # -- trajectories ----------------------------------------------------------------
 
 
+KERNELS = ["fused", "blas"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("kind", [None, "identity", "layerwise", "diagonal", "dense"])
-def test_gd_matches_reference_every_rate_tensor(rng, kind):
+def test_gd_matches_reference_every_rate_tensor(rng, kind, kernel):
     net, params, x, y = _problem(rng)
     rates = _rates_of(kind, net, rng)
     loss = fastntk.MSE()
     thetas, out, _ = _trajectory(
-        net, params, x, y, loss=loss, lr=0.02, rates=rates, steps=6
+        net, params, x, y, loss=loss, lr=0.02, rates=rates, steps=6, kernel=kernel
     )
     assert len(thetas) == 7
     np.testing.assert_array_equal(thetas[-1], out.theta)
@@ -94,11 +99,21 @@ def test_gd_matches_reference_every_rate_tensor(rng, kind):
     ],
 )
 @pytest.mark.parametrize("batch_size", [None, 1, 3, 4, 10])
-def test_sgd_matches_reference_batches(rng, loss, batch_size):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_sgd_matches_reference_batches(rng, loss, batch_size, kernel):
     net, params, x, y = _problem(rng, loss=loss.name)
     P = x.shape[0]
     thetas, _, _ = _trajectory(
-        net, params, x, y, loss=loss, lr=0.05, batch_size=batch_size, steps=8, seed=11
+        net,
+        params,
+        x,
+        y,
+        loss=loss,
+        lr=0.05,
+        batch_size=batch_size,
+        steps=8,
+        seed=11,
+        kernel=kernel,
     )
     per_epoch = 1 if batch_size is None else -(-P // batch_size)
     schedule = train_mod._Schedule(P, batch_size, per_epoch, 11)
@@ -115,18 +130,96 @@ def test_sgd_matches_reference_batches(rng, loss, batch_size):
     )
 
 
-def test_sgd_layerwise_rates_float32(rng):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_sgd_layerwise_rates_float32(rng, kernel):
     net, params, x, y = _problem(rng, dtype=np.float32)
     rates = _rates_of("layerwise", net, rng)
     loss = fastntk.MSE()
     thetas, out, _ = _trajectory(
-        net, params, x, y, loss=loss, lr=0.05, rates=rates, batch_size=4, steps=5
+        net,
+        params,
+        x,
+        y,
+        loss=loss,
+        lr=0.05,
+        rates=rates,
+        batch_size=4,
+        steps=5,
+        kernel=kernel,
     )
     assert out.dtype == np.float32
     schedule = train_mod._Schedule(x.shape[0], 4, 3, 0)
     _check_steps(
         net, thetas, schedule.batch, x, y, loss, 0.05, rates, "SGD float32 layerwise"
     )
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize(
+    "widths,activation",
+    [
+        ([11, 20, 3], "leaky_relu"),
+        ([4, 3], "tanh"),
+        ([9, 17, 8, 1], "relu"),
+        ([2, 33, 5], "gelu"),
+        ([6, 12, 12, 4], "linear"),
+    ],
+)
+def test_odd_shapes_and_activations(rng, widths, activation, kernel):
+    net, params, x, y = _problem(rng, P=13, widths=widths, activation=activation)
+    loss = fastntk.MSE("mean")
+    thetas, _, _ = _trajectory(
+        net, params, x, y, loss=loss, lr=0.05, batch_size=5, steps=4, kernel=kernel
+    )
+    schedule = train_mod._Schedule(13, 5, 3, 0)
+    _check_steps(
+        net, thetas, schedule.batch, x, y, loss, 0.05, None, f"{widths} {activation}"
+    )
+
+
+@pytest.mark.parametrize("batch_size", [None, 7])
+def test_blas_blocks_match_reference(rng, monkeypatch, batch_size):
+    # batches split into blocks of 3 rows, gradients accumulated over blocks
+    monkeypatch.setattr(train_mod, "BLAS_BLOCK", 3)
+    net, params, x, y = _problem(rng, loss="cross_entropy")
+    loss = fastntk.CrossEntropy("mean")
+    thetas, _, _ = _trajectory(
+        net,
+        params,
+        x,
+        y,
+        loss=loss,
+        lr=0.1,
+        batch_size=batch_size,
+        steps=4,
+        kernel="blas",
+    )
+    per_epoch = 1 if batch_size is None else 2
+    schedule = train_mod._Schedule(10, batch_size, per_epoch, 0)
+    _check_steps(net, thetas, schedule.batch, x, y, loss, 0.1, None, "blocks")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernels_agree_on_longer_run(rng, kernel):
+    net, params, x, y = _problem(rng, P=40, widths=[6, 24, 24, 3])
+    kw = dict(loss="mse", lr=0.01, batch_size=8, steps=60, record_every=60)
+    ref, _ = fastntk.train(net, params, x, y, kernel="fused", **kw)
+    out, _ = fastntk.train(net, params, x, y, kernel=kernel, **kw)
+    assert_close(out.theta, ref.theta, "algorithms", np.float64, f"{kernel} vs fused")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_chunking_does_not_change_results(rng, monkeypatch, kernel):
+    # the same run cut into steps between records, or capped chunks
+    net, params, x, y = _problem(rng)
+    kw = dict(loss="mse", lr=0.05, batch_size=3, steps=23, kernel=kernel)
+    ref, _ = fastntk.train(net, params, x, y, record_every=1000, **kw)
+    for every in (1, 4, 7):
+        out, _ = fastntk.train(net, params, x, y, record_every=every, **kw)
+        np.testing.assert_array_equal(out.theta, ref.theta)
+    monkeypatch.setattr(train_mod, "MAX_CHUNK_SAMPLES", 5)
+    out, _ = fastntk.train(net, params, x, y, record_every=1000, **kw)
+    np.testing.assert_array_equal(out.theta, ref.theta)
 
 
 @pytest.mark.parametrize(
@@ -442,6 +535,7 @@ def test_divergence_can_raise(rng):
         (dict(observables={"a": 3}), TypeError, "observables"),
         (dict(callback=5), TypeError, "callback"),
         (dict(seed=-1), TypeError, "seed"),
+        (dict(kernel="gpu"), ValueError, "kernel"),
     ],
 )
 def test_bad_arguments_raise(rng, change, error, match):

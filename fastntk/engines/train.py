@@ -29,7 +29,8 @@ import numpy as np
 
 from fastntk import _config
 from fastntk._validation import as_samples, as_targets, check_int, check_positive
-from fastntk.kernels import cpu
+from fastntk.kernels import cpu, cpu_step
+from fastntk.kernels.cpu_step import UPDATE_DENSE, UPDATE_DIAGONAL, UPDATE_SCALAR
 from fastntk.kernels.dispatch import resolve_backend
 from fastntk.model.losses import check_loss
 from fastntk.model.rates import Rates, identity
@@ -46,9 +47,20 @@ DIVERGENCE_POLICIES = ("warn", "raise")
 #: Version of the checkpoint file layout.
 CHECKPOINT_VERSION = 1
 
-# update kinds understood by the step loop: theta -= c g ; theta -= v * g ;
-# theta -= M g
-UPDATE_SCALAR, UPDATE_DIAGONAL, UPDATE_DENSE = 0, 1, 2
+#: Step kernels: "fused" (one compiled call per step, no BLAS; small widths and
+#: batches), "blas" (BLAS products and elementwise kernels), "auto".
+KERNELS = ("auto", "fused", "blas")
+
+#: "auto" picks the fused kernel when no width exceeds FUSED_MAX_WIDTH and the
+#: batch size times the parameter count is at most FUSED_MAX_WORK.
+FUSED_MAX_WIDTH = 128
+FUSED_MAX_WORK = 1 << 18
+
+#: Rows per block of the BLAS kernel (bounds its buffers for large batches).
+BLAS_BLOCK = 2048
+
+#: Sample indices handed to the step loop at once (bounds the index arrays).
+MAX_CHUNK_SAMPLES = 1 << 22
 
 
 class TrainingDiverged(FloatingPointError):
@@ -272,8 +284,10 @@ class _TrainArgs:
         "last_batch",
         "on_divergence",
         "inplace",
+        "kernel",
         "steps_per_epoch",
         "total_steps",
+        "chunk_steps",
     )
 
 
@@ -305,6 +319,7 @@ def _check_train_args(
     last_batch="keep",
     on_divergence="warn",
     inplace=False,
+    kernel="auto",
 ) -> _TrainArgs:
     """Validate every argument of :func:`train` before any work.
 
@@ -448,6 +463,13 @@ def _check_train_args(
         )
     a.on_divergence = on_divergence
     a.inplace = bool(inplace)
+    if kernel not in KERNELS:
+        raise ValueError(
+            f"kernel: expected one of {', '.join(KERNELS)}, received {kernel!r}"
+        )
+    a.kernel = kernel
+    batch = P if a.batch_size is None else a.batch_size
+    a.chunk_steps = max(1, MAX_CHUNK_SAMPLES // batch)
     return a
 
 
@@ -488,6 +510,7 @@ def train(
     last_batch="keep",
     on_divergence="warn",
     inplace=False,
+    kernel="auto",
 ):
     """Train an MLP by (stochastic, tensorial) gradient descent.
 
@@ -569,6 +592,12 @@ def train(
         which carries them.
     inplace : bool
         Write the final parameters into ``params.theta`` and return ``params``.
+    kernel : {"auto", "fused", "blas"}
+        Step kernel of the CPU backend: ``"fused"`` runs forward pass, backward
+        pass and update of a step in one compiled call without BLAS (fastest
+        for narrow networks and small batches); ``"blas"`` uses BLAS matrix
+        products (fastest for wide layers and large batches); ``"auto"``
+        (default) picks by size.  Both give the same steps up to rounding.
 
     Returns
     -------
@@ -617,6 +646,7 @@ def train(
         last_batch=last_batch,
         on_divergence=on_divergence,
         inplace=inplace,
+        kernel=kernel,
     )
     flops = _step_flops(args) * args.total_steps
     if resolve_backend(args.backend, flops) == "cuda":
@@ -649,6 +679,7 @@ def train(
             last_batch=last_batch,
             on_divergence=on_divergence,
             inplace=inplace,
+            kernel=kernel,
         )
     with _config.thread_limit(args.threads):
         return _train_cpu(args)
@@ -682,19 +713,25 @@ class _Schedule:
         self.epoch = epoch - 1
         self.epoch_state = rng_state
 
-    def _enter(self, epoch):
-        # Draw the permutations up to ``epoch``.
+    def _permutation(self, epoch):
+        # The shuffle of ``epoch``: drawn in epoch order, the current one kept.
         while self.epoch < epoch:
             self.epoch_state = self.rng.bit_generator.state
             self.perm = self.rng.permutation(self.P).astype(np.int64)
             self.epoch += 1
+        if epoch != self.epoch:
+            raise RuntimeError(
+                f"schedule: epoch {epoch} requested after epoch {self.epoch}; "
+                f"shuffles are drawn in order only"
+            )
+        return self.perm
 
     def state_at(self, step):
         """(epoch, generator state at its start) for the step ``step``."""
         if self.B is None:
             return step, None
         epoch = step // self.per_epoch
-        self._enter(epoch)
+        self._permutation(epoch)
         return epoch, self.epoch_state
 
     def batch(self, step):
@@ -702,19 +739,29 @@ class _Schedule:
         if self.B is None:
             return None
         epoch, pos = divmod(step, self.per_epoch)
-        self._enter(epoch)
         start = pos * self.B
-        return self.perm[start : min(start + self.B, self.P)]
+        return self._permutation(epoch)[start : min(start + self.B, self.P)]
 
     def batches(self, t0, t1):
-        """Concatenated indices and boundaries of the steps t0..t1-1."""
+        """Samples of the steps t0..t1-1 as (order, starts, sizes).
+
+        Step t0 + s uses ``order[starts[s]:starts[s] + sizes[s]]``; ``order`` is
+        None for full batch (every step uses all samples in order).
+        """
+        steps = np.arange(t0, t1, dtype=np.int64)
         if self.B is None:
-            return None, None
-        parts = [self.batch(t) for t in range(t0, t1)]
-        bounds = np.zeros(t1 - t0 + 1, dtype=np.int64)
-        np.cumsum([len(p) for p in parts], out=bounds[1:])
-        order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        return order, bounds
+            return (
+                None,
+                np.zeros(len(steps), np.int64),
+                np.full(len(steps), self.P, np.int64),
+            )
+        e0 = t0 // self.per_epoch
+        e1 = (t1 - 1) // self.per_epoch
+        order = np.concatenate([self._permutation(e) for e in range(e0, e1 + 1)])
+        epoch, pos = np.divmod(steps, self.per_epoch)
+        starts = (epoch - e0) * self.P + pos * self.B
+        sizes = np.minimum(self.B, self.P - pos * self.B)
+        return order, starts, sizes
 
 
 # -- the step loop ---------------------------------------------------------------
@@ -737,57 +784,92 @@ def _update_operator(a: _TrainArgs):
     return UPDATE_DENSE, np.ascontiguousarray(mat, dtype=dtype)
 
 
-class _PythonStepper:
-    """Step loop on the NumPy/Numba kernels, one Python iteration per step."""
+def _choose_kernel(a: _TrainArgs, kernel: str) -> str:
+    """ "fused" for small steps, "blas" otherwise, unless ``kernel`` says which."""
+    if kernel != "auto":
+        return kernel
+    batch = a.x.shape[0] if a.batch_size is None else a.batch_size
+    small = max(a.net.widths) <= FUSED_MAX_WIDTH
+    return "fused" if small and batch * a.net.n_params <= FUSED_MAX_WORK else "blas"
 
-    def __init__(self, a: _TrainArgs):
-        self.a = a
-        self.kind, self.scale = _update_operator(a)
-        self.grad = np.empty(a.net.n_params, dtype=a.params.dtype)
 
-    def run(self, cur, nxt, order, bounds, n_steps):
-        """Run up to ``n_steps`` steps, ping-ponging between ``cur`` and ``nxt``.
+class _Stepper:
+    """The compiled step loop for one run: plan, buffers and kernel addresses."""
 
-        Returns (done, last_loss, bad_loss, swapped): steps completed, the last
-        finite step loss, the non-finite loss that stopped the loop (or None),
-        and whether the current parameters ended in ``nxt``.
-        """
-        a = self.a
+    def __init__(self, a: _TrainArgs, kernel: str):
+        from fastntk.engines import _loop
+
         net = a.net
-        last = math.nan
-        for s in range(n_steps):
-            if order is None:
-                xb, yb = a.x, a.y
-            else:
-                idx = order[bounds[s] : bounds[s + 1]]
-                xb, yb = a.x[idx], a.y[idx]
-
-            # loss and gradient of the step's batch
-            value = cpu.loss_gradient(
-                cur,
-                net._widths,
-                xb,
-                yb,
-                net.activation_code,
-                net.slope,
-                a.loss.code,
-                a.loss.scale(xb.shape[0]),
-                self.grad,
+        dtype = a.params.dtype
+        P = a.x.shape[0]
+        batch = P if a.batch_size is None else a.batch_size
+        kind, self.rate = _update_operator(a)
+        self.rate = self.rate.reshape(-1)
+        self.kernel = _choose_kernel(a, kernel)
+        self.plan, work_size = cpu_step.make_plan(
+            net.widths,
+            net.activation_code,
+            a.loss.code,
+            a.loss.reduction == "mean",
+            kind,
+            P,
+            batch,
+        )
+        self.addresses = cpu_step.addresses(dtype)
+        self.fpar = np.array([net.slope], dtype=np.float64)
+        self.x = a.x.reshape(-1)
+        self.y = a.y.reshape(-1)
+        self.loop = _loop
+        if self.kernel == "fused":
+            self.work = np.zeros(work_size, dtype=dtype)
+            self.grad_offset = cpu_step.gradient_offset(self.plan)
+            self.all_rows = np.arange(P, dtype=np.int64)
+        else:
+            self.block = min(batch, BLAS_BLOCK)
+            self.grad = np.empty(net.n_params, dtype=dtype)
+            self.buf = np.empty(
+                _loop.blas_buffer_size(self.plan, self.block), dtype=dtype
             )
-            if not math.isfinite(value):
-                return s, last, value, s % 2 == 1
+            self.no_rows = np.zeros(0, dtype=np.int64)
 
-            # update through the learning-rate tensor, into the other buffer
-            if self.kind == UPDATE_SCALAR:
-                np.multiply(self.grad, self.scale[0], out=nxt)
-            elif self.kind == UPDATE_DIAGONAL:
-                np.multiply(self.grad, self.scale, out=nxt)
-            else:
-                np.dot(self.scale, self.grad, out=nxt)
-            np.subtract(cur, nxt, out=nxt)
-            cur, nxt = nxt, cur
-            last = value
-        return n_steps, last, None, n_steps % 2 == 1
+    def run(self, cur, nxt, order, starts, sizes):
+        """Run the steps described by (order, starts, sizes) from ``cur``.
+
+        Returns (done, last_loss, bad_loss, swapped), see
+        :mod:`fastntk.engines._loop`.
+        """
+        if self.kernel == "fused":
+            return self.loop.run_fused(
+                self.addresses,
+                cur,
+                nxt,
+                self.x,
+                self.y,
+                self.all_rows if order is None else order,
+                starts,
+                sizes,
+                self.plan,
+                self.fpar,
+                self.rate,
+                self.work,
+                self.grad_offset,
+            )
+        return self.loop.run_blas(
+            self.addresses,
+            cur,
+            nxt,
+            self.x,
+            self.y,
+            self.no_rows if order is None else order,
+            starts,
+            sizes,
+            self.plan,
+            self.fpar,
+            self.rate,
+            self.grad,
+            self.buf,
+            self.block,
+        )
 
 
 # -- evaluation on recorded steps ------------------------------------------------
@@ -959,10 +1041,6 @@ def _check_resume(a: _TrainArgs, ck: Checkpoint):
 # -- driver ----------------------------------------------------------------------
 
 
-def _make_stepper(a: _TrainArgs):
-    return _PythonStepper(a)
-
-
 def _next_multiple(t, every):
     return (t // every + 1) * every
 
@@ -999,7 +1077,7 @@ def _train_cpu(a: _TrainArgs):
             history._drop_ntk_from(t, lambda s: s % a.ntk_every == 0)
         logger.info("resuming from %s at step %d", a.checkpoint, t)
 
-    stepper = _make_stepper(a)
+    stepper = _Stepper(a, a.kernel)
     start_time = time.perf_counter()
     h0 = [history.ntk[0]] if history.ntk else []
     last_loss, last_step = math.nan, -1
@@ -1090,14 +1168,14 @@ def _train_cpu(a: _TrainArgs):
             break
 
         # compiled steps up to the next recorded step
-        t_next = min(_next_multiple(t, a.record_every), T)
+        t_next = min(_next_multiple(t, a.record_every), T, t + a.chunk_steps)
         if a.ntk_every is not None:
             t_next = min(t_next, _next_multiple(t, a.ntk_every))
         if a.checkpoint_every is not None:
             t_next = min(t_next, _next_multiple(t, a.checkpoint_every))
-        order, bounds = schedule.batches(t, t_next)
+        order, starts, sizes = schedule.batches(t, t_next)
         done, step_loss, bad, swapped = stepper.run(
-            bufs[cur], bufs[1 - cur], order, bounds, t_next - t
+            bufs[cur], bufs[1 - cur], order, starts, sizes
         )
         if done > 0:
             have_previous = True
