@@ -40,7 +40,7 @@ N_IN, N_OUT = 32, 4
 #: Side-by-side scripts of a source checkout and their quick options.
 SCRIPTS = {
     "compare_ntk.py": ["--quick"],
-    "compare_train.py": ["--quick"],
+    "compare_train.py": ["--repeat", "1"],
 }
 
 
@@ -257,7 +257,7 @@ def command(cfg) -> int:
             continue
         logger.info("running %s %s", path, " ".join(args))
         done = subprocess.run(
-            [sys.executable, str(path), *args], cwd=folder, check=False
+            [sys.executable, str(path), *args], cwd=folder.parent, check=False
         )
         status = status or done.returncode
     return status

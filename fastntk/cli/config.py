@@ -305,7 +305,7 @@ OPTIONS = (
         "training set (scaled by the loss's reduction)",
         metavar="LR",
     ),
-    Option("steps", 500, _integer(1), ("run", "bench"), "training steps", metavar="T"),
+    Option("steps", 400, _integer(1), ("run", "bench"), "training steps", metavar="T"),
     Option(
         "batch_size",
         None,
@@ -316,7 +316,7 @@ OPTIONS = (
     ),
     Option(
         "record_every",
-        10,
+        20,
         _integer(1),
         ("run",),
         "record losses every this many steps",
