@@ -54,6 +54,7 @@ def train_cuda(
     last_batch="keep",
     on_divergence="warn",
     inplace=False,
+    kernel="auto",
 ):
     """Train an MLP by (stochastic, tensorial) gradient descent on the GPU.
 
@@ -62,7 +63,8 @@ def train_cuda(
 
     - ``x``, ``y`` and the test pair may be device arrays (numba.cuda or CuPy),
       used in place; NumPy arrays are copied to the device once.
-    - ``threads`` is accepted and ignored (no CPU threads do the work).
+    - ``threads`` and ``kernel`` (the CPU step kernel) are validated and
+      otherwise ignored.
     - Results equal the CPU engine's within rounding (products are summed in
       another order), and are deterministic run to run on the same device.
 
@@ -118,6 +120,7 @@ def train_cuda(
             last_batch=last_batch,
             on_divergence=on_divergence,
             inplace=inplace,
+            kernel=kernel,
         ),
     )
     return _train_device(a, arrays)
@@ -239,8 +242,11 @@ class _DeviceStepper:
 
     # -- one segment of steps ------------------------------------------------------
 
-    def run(self, order, bounds, n_steps):
-        """Run ``n_steps`` steps; the batches are ``order[bounds[s]:bounds[s+1]]``.
+    def run(self, order, starts, sizes):
+        """Run one step per entry of ``sizes``.
+
+        Step s uses the samples ``order[starts[s]:starts[s] + sizes[s]]``, or all
+        of them in order when ``order`` is None (full batch).
 
         Returns (done, last_loss, bad_loss): steps completed before a
         non-finite loss (all of them when none), the last finite step loss, and
@@ -253,6 +259,7 @@ class _DeviceStepper:
         from fastntk.kernels import cuda as kernels
 
         a = self.a
+        n_steps = len(sizes)
         if self.losses.shape[0] < n_steps:
             self.losses = cuda.device_array(n_steps, np.float64)
         self.flag.copy_to_device(np.zeros(1, np.int32))
@@ -264,8 +271,9 @@ class _DeviceStepper:
             if index is None:
                 xb, yb, mb = self.x, self.y, self.B
             else:
-                i0, i1 = int(bounds[s]), int(bounds[s + 1])
-                mb = i1 - i0
+                i0 = int(starts[s])
+                mb = int(sizes[s])
+                i1 = i0 + mb
                 xb, yb = self.xb[:mb], self.yb[:mb]
                 kernels.gather_rows(self.x, index[i0:i1], xb)
                 kernels.gather_rows(self.y, index[i0:i1], yb)
@@ -531,12 +539,15 @@ def _train_device(a, arrays):
 
         # steps on the device up to the next recorded step
         t_next = min(_next_multiple(t, a.record_every), T)
+        chunk = getattr(a, "chunk_steps", None)
+        if chunk:
+            t_next = min(t_next, t + chunk)
         if a.ntk_every is not None:
             t_next = min(t_next, _next_multiple(t, a.ntk_every))
         if a.checkpoint_every is not None:
             t_next = min(t_next, _next_multiple(t, a.checkpoint_every))
-        order, bounds = schedule.batches(t, t_next)
-        done, step_loss, bad = stepper.run(order, bounds, t_next - t)
+        order, starts, sizes = schedule.batches(t, t_next)
+        done, step_loss, bad = stepper.run(order, starts, sizes)
         if done > 0:
             have_previous = True
             last_loss, last_step = step_loss, t + done - 1
