@@ -5,12 +5,13 @@ import math
 import numpy as np
 import pytest
 from scipy import integrate
-from tolerances import assert_close
 
 import fastntk
 from fastntk.kernels import reference
 from fastntk.theory import gaussian_expectations, infinite_kernels, infinite_ntk
 from fastntk.theory.infinite import CLOSED_FORMS
+
+from tolerances import assert_close
 
 ALL_ACTIVATIONS = reference.ACTIVATIONS.keys()
 
