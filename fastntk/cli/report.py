@@ -235,7 +235,7 @@ def _plot_one_step(path, report, arrays, title):
         f"One gradient step: NTK prediction vs actual (lr = {one['lr']:.3g})\n{title}"
     )
     fits = one.get("orders", {})
-    lines = ["residual ~ lr^p over lr, lr/2, lr/4:"] + [
+    lines = ["training outputs, residual ~ lr^p over lr, lr/2, lr/4:"] + [
         f"  order {k} prediction: p = {v['exponent']:.2f}" for k, v in fits.items()
     ]
     ax.text(
