@@ -6,6 +6,8 @@ on a real GPU with FASTNTK_TEST_REAL_GPU=1.
 """
 
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -262,3 +264,13 @@ def test_bad_device_inputs_raise_clear_errors():
         )
     with pytest.raises(MemoryError, match="raise memory_limit"):
         engine.ntk_cuda(net, params, x, memory_limit=64)
+
+
+def test_gpu_guide_examples_run():
+    # the Python blocks of docs/gpu.md, in order, in one namespace
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "gpu.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 3
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "docs/gpu.md", "exec"), namespace)
