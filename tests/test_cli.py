@@ -14,6 +14,8 @@ from fastntk.cli import main
 from fastntk.cli.kernel import kernel_samples
 from fastntk.cli.report import PLOTS
 
+from tolerances import assert_close
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # a run of a few seconds: tiny network, few samples and steps
@@ -321,6 +323,45 @@ def test_ntk_command_matches_library(tmp_path, capsys):
     K = np.load(out, mmap_mode="r")
     assert K.shape == (10, 10) and K.dtype == np.float32
     np.testing.assert_allclose(K, np.asarray(K).T, rtol=1e-6)
+
+
+def test_ntk_command_on_a_local_dask_cluster(tmp_path, capsys):
+    pytest.importorskip("distributed")
+    out = tmp_path / "tiled.npy"
+    args = [
+        "ntk",
+        "--workers",
+        "1",
+        "--n",
+        "20",
+        "--hidden",
+        "8",
+        "--outputs",
+        "diagonal",
+        "--seed",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert main(args) == 0
+    assert "shape (20, 20, 10) float64 (diagonal)" in capsys.readouterr().out
+
+    # equal to the kernel computed in this process
+    cfg = {
+        "n": 20,
+        "n2": 0,
+        "seed": 2,
+        "dtype": "float64",
+        "data": "digits",
+        "noise": 0.0,
+        "target_columns": 1,
+        "n_out": None,
+    }
+    x1, _, n_out = kernel_samples(cfg)
+    net = fastntk.MLP([64, 8, n_out])
+    H = fastntk.ntk(net, net.init(seed=2), x1, outputs="diagonal")
+    assert_close(np.load(out), H, "algorithms", "float64", "tiled vs in-process")
 
 
 def test_bench_command(tmp_path, capsys):

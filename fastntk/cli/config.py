@@ -402,6 +402,15 @@ OPTIONS = (
         "start a local Dask cluster of N workers to tile the kernel over",
         metavar="N",
     ),
+    Option(
+        "resume",
+        False,
+        _flag,
+        ("ntk",),
+        "with --cluster/--workers: continue an interrupted run in --out, computing "
+        "only its missing tiles",
+        is_switch=True,
+    ),
     # benchmark command
     Option(
         "samples",

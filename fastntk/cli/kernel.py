@@ -10,7 +10,9 @@ mmap_mode="r")``), or tiled over a Dask cluster with ``--cluster`` or
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import resource
 import sys
 import time
@@ -20,6 +22,7 @@ import numpy as np
 
 import fastntk
 from fastntk import data as datasets
+from fastntk.cli.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +98,18 @@ def command(cfg) -> int:
     nbytes = int(np.prod(shape)) * params.dtype.itemsize
 
     # the destination: opened before the work, so that a bad path fails early
+    on_cluster = cfg["cluster"] is not None or cfg["workers"] is not None
+    target = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        if cfg["memmap"]:
+        if on_cluster:
+            if not os.access(out.parent, os.W_OK):
+                raise PermissionError(errno.EACCES, "Permission denied")
+        elif cfg["memmap"]:
             target = np.lib.format.open_memmap(
                 out, mode="w+", dtype=params.dtype, shape=shape
             )
         else:
-            target = None
             with open(out, "ab"):
                 pass
     except OSError as exc:
@@ -114,12 +121,12 @@ def command(cfg) -> int:
         "fastntk ntk: %s, kernel of shape %s (%s) -> %s", net, shape, _mib(nbytes), out
     )
 
-    # the kernel: tiled over a cluster, or on this machine
+    # the kernel: tiled over a cluster (written to ``out`` tile by tile), or here
     start = time.perf_counter()
-    with thread_limit(cfg["threads"]):
-        if cfg["cluster"] is not None or cfg["workers"] is not None:
-            H = _distributed(cfg, net, params, x1, x2, rates, target, out)
-        else:
+    if on_cluster:
+        _distributed(cfg, net, params, x1, x2, rates, out)
+    else:
+        with thread_limit(cfg["threads"]):
             H = fastntk.ntk(
                 net,
                 params,
@@ -137,7 +144,7 @@ def command(cfg) -> int:
     if target is not None:
         target.flush()
         del target
-    elif H is not None:
+    elif not on_cluster:
         np.save(out, np.asarray(H))
     print(
         f"fastntk ntk: shape {shape} {params.dtype} ({cfg['outputs']}) in "
@@ -147,26 +154,37 @@ def command(cfg) -> int:
     return 0
 
 
-def _distributed(cfg, net, params, x1, x2, rates, target, out):
-    """The kernel tiled over a Dask cluster (fastntk.distributed)."""
+def _distributed(cfg, net, params, x1, x2, rates, out):
+    """The kernel tiled over a Dask cluster, written into ``out`` tile by tile."""
     try:
         from fastntk import distributed
     except ImportError as exc:
-        raise ImportError(
-            f"--cluster/--workers need fastntk.distributed and Dask "
-            f"(pip install 'fastntk[dask]'): {exc}"
-        ) from None
-    return distributed.cli_ntk(
-        net,
-        params,
-        x1,
-        x2,
-        rates=rates,
-        outputs=cfg["outputs"],
-        address=cfg["cluster"],
-        workers=cfg["workers"],
-        out=target,
-        path=out,
-        threads=cfg["threads"],
-        progress=not cfg["quiet"],
-    )
+        raise ImportError(f"--cluster/--workers: {exc}") from None
+    bar = []
+
+    def progress(done, total):
+        # one bar over the tiles, drawn only on a terminal and without --quiet
+        if not bar:
+            bar.append(
+                Progress(total, "tiles", enabled=None if not cfg["quiet"] else False)
+            )
+        bar[0].update(done)
+
+    try:
+        distributed.ntk(
+            net,
+            params,
+            x1,
+            x2,
+            rates=rates,
+            outputs=cfg["outputs"],
+            store=out,
+            resume=cfg["resume"],
+            address=cfg["cluster"],
+            n_workers=cfg["workers"],
+            threads_per_worker=cfg["threads"] or 1,
+            progress=progress,
+        )
+    finally:
+        if bar:
+            bar[0].close()
