@@ -179,3 +179,32 @@ def test_bad_device_training_data_raise_clear_errors():
     bad[0, 0] = np.inf
     with pytest.raises(ValueError, match="x: expected finite values"):
         train_cuda(net, params, cuda.to_device(bad), y, loss="mse", lr=0.1, steps=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_public_gradient_and_jacobian_on_the_gpu(monkeypatch, rng, dtype):
+    from fastntk import reference
+    from fastntk.engines import ntk_cuda
+
+    net, params, x, _ = make_problem([3, 4, 3], "softplus", dtype, P=5)
+    y = one_hot(rng, 5, 3, dtype)
+    loss = fastntk.CrossEntropy("mean")
+    value, grad = fastntk.loss_and_gradient(net, params, x, y, loss, backend="cuda")
+    z = reference.apply(net, params, x)
+    assert_close(value, reference.loss_value(loss, z, y), "gpu", dtype, "loss")
+    assert_close(
+        grad, reference.gradient(net, params, x, y, loss), "gpu", dtype, "gradient"
+    )
+    assert_close(
+        fastntk.gradient(net, params, x, y, loss, backend="cuda"),
+        grad,
+        "gpu",
+        dtype,
+        "gradient()",
+    )
+
+    # blocks of two samples: a device that reports little free memory
+    per_sample = (3 * net.n_params + 3 * sum(net.widths) * 4) * np.dtype(dtype).itemsize
+    monkeypatch.setattr(ntk_cuda, "_free_device_memory", lambda: 8.0 * per_sample)
+    J = fastntk.jacobian(net, params, x, backend="cuda")
+    assert_close(J, reference.jacobian(net, params, x), "gpu", dtype, "jacobian")

@@ -7,6 +7,7 @@ import numpy as np
 from fastntk import _config
 from fastntk._validation import as_samples, as_targets
 from fastntk.kernels import cpu
+from fastntk.kernels.dispatch import resolve_backend
 from fastntk.model.losses import check_loss
 
 
@@ -18,7 +19,7 @@ def _check_net(net):
     return net
 
 
-def loss_and_gradient(net, params, x, y, loss=None, *, threads=None):
+def loss_and_gradient(net, params, x, y, loss=None, *, threads=None, backend="cpu"):
     """Training loss and its gradient dL/dtheta.
 
     Parameters
@@ -32,6 +33,8 @@ def loss_and_gradient(net, params, x, y, loss=None, *, threads=None):
         ``fastntk.MSE()`` (default) or ``fastntk.CrossEntropy()``, each with
         ``reduction="sum"`` or ``"mean"``.
     threads : int, optional
+    backend : {"cpu", "cuda", "auto"}
+        Where to compute (see ``docs/gpu.md``); host arrays in and out.
 
     Returns
     -------
@@ -43,6 +46,10 @@ def loss_and_gradient(net, params, x, y, loss=None, *, threads=None):
     loss = check_loss(loss if loss is not None else "mse")
     x = as_samples("x", x, net.n_in, params.dtype)
     y = as_targets("y", y, x.shape[0], net.n_out, params.dtype)
+    if resolve_backend(backend, 6.0 * x.shape[0] * net.n_params) == "cuda":
+        from fastntk.engines.train_cuda import loss_and_gradient_cuda
+
+        return loss_and_gradient_cuda(net, params, x, y, loss)
     grad = np.empty(net.n_params, dtype=params.dtype)
     with _config.thread_limit(threads):
         value = cpu.loss_gradient(
@@ -59,7 +66,7 @@ def loss_and_gradient(net, params, x, y, loss=None, *, threads=None):
     return float(value), grad
 
 
-def gradient(net, params, x, y, loss=None, *, threads=None):
+def gradient(net, params, x, y, loss=None, *, threads=None, backend="cpu"):
     """Gradient dL/dtheta of the training loss, flat in theta's layout.
 
     Examples
@@ -71,10 +78,13 @@ def gradient(net, params, x, y, loss=None, *, threads=None):
     >>> fastntk.gradient(net, params, x, y, loss=fastntk.MSE()).shape
     (33,)
     """
-    return loss_and_gradient(net, params, x, y, loss, threads=threads)[1]
+    _, grad = loss_and_gradient(
+        net, params, x, y, loss, threads=threads, backend=backend
+    )
+    return grad
 
 
-def jacobian(net, params, x, *, threads=None):
+def jacobian(net, params, x, *, threads=None, backend="cpu"):
     """Per-sample Jacobian dz_{i;a} / dtheta_mu.
 
     Returns
@@ -98,6 +108,10 @@ def jacobian(net, params, x, *, threads=None):
             f"jacobian: the Jacobian of shape {shape} needs {need / 2**30:.1f} GiB; "
             f"use fewer samples per call, or fastntk.ntk, which never forms it"
         ) from None
+    if resolve_backend(backend, 2.0 * x.shape[0] * net.n_out * net.n_params) == "cuda":
+        from fastntk.engines.ntk_cuda import jacobian_cuda
+
+        return jacobian_cuda(net, params, x, J)
     with _config.thread_limit(threads):
         cpu.jacobian(params.theta, net._widths, x, net.activation_code, net.slope, J)
     return J

@@ -718,3 +718,37 @@ def _tile_jacobian(tile, views, f1, f2, lam, rate_kind, buf, args, n_out, stream
                     stream=stream,
                 )
         kernels.combine(target, None, gg, 1.0, 0.0, False, n_out, stream=stream)
+
+
+# -- Jacobian ------------------------------------------------------------------------
+
+
+def jacobian_cuda(net, params, x, J):
+    """Per-sample Jacobian of validated host samples, computed on the GPU.
+
+    The engine behind ``fastntk.jacobian(..., backend="cuda")``: blocks of
+    samples sized to a quarter of the device's free memory, each copied into
+    the host array ``J`` of shape (P, n_out, n_params).
+    """
+    from numba import cuda
+
+    from fastntk.kernels import cuda as kernels
+
+    widths = [int(w) for w in net.widths]
+    dt = params.dtype
+    P, n_out = x.shape[0], net.n_out
+    theta = cuda.to_device(params.theta)
+    Ws, bs = kernels.layer_views(theta, widths)
+
+    # samples per block: their Jacobian rows and features in a quarter of memory
+    per_sample = (n_out * net.n_params + 3 * sum(widths) * (1 + n_out)) * dt.itemsize
+    m = int(max(1, min(P, 0.25 * _free_device_memory() // per_sample)))
+    feats = _Features(widths, m, dt, net.n_params)
+    for start in range(0, P, m):
+        stop = min(P, start + m)
+        xb = cuda.to_device(x[start:stop])
+        feats.compute(
+            Ws, bs, xb, net.activation_code, float(net.slope), 0, True, widths
+        )
+        feats.J_view.copy_to_host(J[start:stop].reshape(-1, net.n_params))
+    return J

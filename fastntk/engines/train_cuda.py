@@ -574,3 +574,42 @@ def _train_device(a, arrays):
             raise TrainingDiverged(message, result, history, history.diverged_step)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
     return result, history
+
+
+# -- one gradient ------------------------------------------------------------------
+
+
+def loss_and_gradient_cuda(net, params, x, y, loss):
+    """Loss and gradient dL/dtheta of validated host arrays, computed on the GPU.
+
+    The engine behind ``fastntk.loss_and_gradient(..., backend="cuda")``: the
+    whole set in one block on the device.
+
+    Returns
+    -------
+    value : float
+    grad : ndarray, shape (n_params,), the parameters' dtype
+    """
+    from numba import cuda
+
+    from fastntk.kernels import cuda as kernels
+
+    widths = [int(w) for w in net.widths]
+    dt = params.dtype
+    P = x.shape[0]
+    theta = cuda.to_device(params.theta)
+    Ws, bs = kernels.layer_views(theta, widths)
+    grad = cuda.device_array(net.n_params, dt)
+    gWs, gbs = kernels.layer_views(grad, widths)
+    buf = _Buffers(widths, P, dt, with_backward=True)
+    dx, dy = cuda.to_device(x), cuda.to_device(y)
+    code, slope = net.activation_code, float(net.slope)
+
+    # forward pass, loss and error factor, backward pass
+    acts = buf.acts + [None]
+    kernels.forward_layers(Ws, bs, dx, code, slope, buf.zs, acts)
+    kernels.loss_error(buf.zs[-1], dy, loss.code, loss.scale(P), buf.eps, buf.per)
+    kernels.gradient(
+        Ws, buf.zs, [dx] + buf.acts, buf.eps, code, slope, gWs, gbs, buf.deltas
+    )
+    return float(buf.per.copy_to_host().sum()), grad.copy_to_host()
