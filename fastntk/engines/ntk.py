@@ -19,9 +19,14 @@ neural-tangents and torch.func).  Two algorithms compute it:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import os
+import threading
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from fastntk import _config
@@ -465,12 +470,60 @@ def ntk(
     plan = _plan(args)
     if out is None:
         out = np.empty(args.shape, dtype=args.dtype)
-    with _config.thread_limit(threads):
+    with _config.thread_limit(threads), _serial_blas():
         if args.method == "structured":
             _structured(args, out, plan)
         else:
             _jacobian(args, out, plan)
     return out
+
+
+# -- BLAS threads ---------------------------------------------------------------------
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter = None
+
+
+@contextlib.contextmanager
+def _serial_blas():
+    """Run a block with single-threaded BLAS in the library the kernels call.
+
+    The compiled kernels parallelize over tiles and sample blocks and call BLAS
+    from every thread; a multithreaded BLAS would then oversubscribe the cores
+    (its idle workers spin while the other threads run).  The limit is shared by
+    concurrent calls and lifted when the last one leaves, even on an exception.
+    """
+    global _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = _kernel_blas().limit(limits=1)
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_blas():
+    # threadpoolctl controller of SciPy's BLAS (the one scipy.linalg.cython_blas
+    # and numba's np.dot call), or of every BLAS when it cannot be told apart.
+    from threadpoolctl import ThreadpoolController
+
+    blas = ThreadpoolController().select(user_api="blas")
+    import scipy
+
+    root = os.path.dirname(os.path.abspath(scipy.__file__))
+    own = [
+        c.filepath for c in blas.lib_controllers
+        if os.path.abspath(c.filepath).startswith((root + os.sep, root + ".libs"))
+    ]  # fmt: skip
+    return blas.select(filepath=own) if own else blas
 
 
 # -- planning ------------------------------------------------------------------------
@@ -542,8 +595,9 @@ def _feature_set(net, params, x):
     acts = np.empty(P * hidden, dtype=params.dtype)
     grads = np.empty(P * net.n_out * hidden, dtype=params.dtype)
     cpu_ntk.features(
-        params.theta, net._widths, x, net.activation_code, net.slope, acts, grads
-    )
+        params.theta, net._widths, x, net.activation_code, net.slope, acts, grads,
+        numba.get_num_threads(),
+    )  # fmt: skip
     return x.reshape(-1), acts, grads, P
 
 
@@ -567,7 +621,7 @@ def _page_releaser(out):
     # the disk (np.memmap, modes 'r+' and 'w+'), so that resident memory stays
     # bounded by one stripe; a no-op for arrays in memory.
     if not isinstance(out, np.memmap) or out.mode not in ("r+", "w+"):
-        return lambda: None
+        return None
     import ctypes
     import mmap
 
@@ -608,7 +662,8 @@ def _stripes(args, out, plan, compute):
         if args.symmetric:
             # lower part of the stripe from the upper part already computed
             cpu_ntk.mirror_stripe(H, r0, r1, args.outputs == "full")
-        release()
+        if release is not None:
+            release()
     logger.debug("ntk: %d x %d kernel in stripes of %d rows", P1, P2, plan.tile)
 
 
@@ -616,32 +671,69 @@ def _mode(outputs):
     return {"full": cpu_ntk.FULL, "trace": cpu_ntk.TRACE}.get(outputs, cpu_ntk.DIAGONAL)
 
 
+def _tile_list(r_lo, r_hi, cols, tile, diagonal):
+    # Tiles (i0, j0, tm, tn, diag) of local rows [r_lo, r_hi) against local
+    # columns [0, cols), in stripes of ``tile`` rows.  With ``diagonal`` column c
+    # is the sample of row c, and only tiles on or above the diagonal are listed.
+    tiles = []
+    for i0 in range(r_lo, r_hi, tile):
+        tm = min(tile, r_hi - i0)
+        j = i0 + tm if diagonal else 0
+        if diagonal:
+            tiles.append((i0, i0, tm, tm, 1))
+        tiles += [(i0, j0, tm, min(tile, cols - j0), 0) for j0 in range(j, cols, tile)]
+    tiles = np.array(tiles, dtype=np.int64).reshape(-1, 5)
+    # by decreasing cost (a diagonal tile computes half its pairs), for the
+    # threads of the kernel to take in turn
+    cost = tiles[:, 2] * tiles[:, 3] // (1 + tiles[:, 4])
+    return tiles[np.argsort(-cost, kind="stable")]
+
+
 def _structured(args, out, plan):
-    # H = sum_l (bias_rate_l + weight_rate_l A_l) * G_l, tile by tile.
-    net = args.net
+    # H = sum_l (bias_rate_l + weight_rate_l A_l) * G_l, tile by tile, the tiles
+    # in parallel; a symmetric kernel is computed on and above the diagonal and
+    # mirrored tile by tile.
+    net, params, sym = args.net, args.params, args.symmetric
     bias_rate, weight_rate = args.rates.layer_factors(net)
     rates = np.empty((net.depth, 3), dtype=args.dtype)
     rates[:, 0], rates[:, 1], rates[:, 2] = bias_rate, weight_rate, net.n_out
-    work = np.empty(plan.work, dtype=args.dtype)
     mode = _mode(args.outputs)
+    P1 = args.x1.shape[0]
+    P2 = P1 if sym else args.x2.shape[0]
+    slots = net.depth if args.per_layer else 1
+    H = np.asarray(out).reshape(slots, P1, P2, -1)
+    work = np.empty((numba.get_num_threads(), plan.work), dtype=args.dtype)
+    release = _page_releaser(out)
 
-    def compute(H, rows, cols, r0, c0, sym):
-        cpu_ntk.structured_stripe(
-            rows,
-            cols,
-            net._widths,
-            rates,
-            mode,
-            sym,
-            plan.tile,
-            H,
-            r0,
-            c0,
-            args.per_layer,
-            work,
-        )
+    def run(rows, cols, tiles, origin):
+        cpu_ntk.structured_tiles(
+            rows, cols, net._widths, rates, mode, tiles, H, origin,
+            args.per_layer, sym, work,
+        )  # fmt: skip
 
-    _stripes(args, out, plan, compute)
+    f1 = _Features(net, params, args.x1, plan.whole)
+    f2 = f1 if sym else _Features(net, params, args.x2, plan.whole)
+    if plan.whole:
+        # every tile at once; a result mapped from a file goes stripe by
+        # stripe, its pages released after each
+        band = plan.tile if release is not None else P1
+        rows, cols = f1.block(0, P1), f2.block(0, P2)
+        for r0 in range(0, P1, band):
+            tiles = _tile_list(r0, min(P1, r0 + band), P2, plan.tile, sym)
+            run(rows, cols, tiles, (0, 0))
+            if release is not None:
+                release()
+        return
+    # features recomputed per stripe of rows and per chunk of columns
+    for r0 in range(0, P1, plan.tile):
+        r1 = min(P1, r0 + plan.tile)
+        rows = f1.block(r0, r1)
+        for c0 in range(r0 if sym else 0, P2, plan.cols):
+            c1 = min(P2, c0 + plan.cols)
+            tiles = _tile_list(0, r1 - r0, c1 - c0, plan.tile, sym and c0 == r0)
+            run(rows, f2.block(c0, c1), tiles, (r0, c0))
+        if release is not None:
+            release()
 
 
 def _jacobian_chunk(net, feats, layer, j0, j1):

@@ -32,7 +32,11 @@ from __future__ import annotations
 
 import llvmlite.binding as ll
 import numpy as np
-from numba import njit, prange, types
+from numba import (
+    njit,
+    prange,
+    types,
+)
 from numba.extending import get_cython_function_address, intrinsic
 
 from fastntk._config import JIT, JIT_PARALLEL, SAMPLE_BLOCK
@@ -154,40 +158,91 @@ def weight_offsets(widths):
     return w_off
 
 
-@njit(**JIT_PARALLEL)
+@njit(**JIT)
 def _activate(z, b, a, d, code, slope):
     # a = sigma(z + b) and d = sigma'(z + b), row by row.
     m, n = z.shape
-    for p in prange(m):
+    for p in range(m):
         for j in range(n):
             v = z[p, j] + b[j]
             a[p, j] = act(code, v, slope)
             d[p, j] = dact(code, v, slope)
 
 
-@njit(**JIT_PARALLEL)
+@njit(**JIT)
 def _last_derivatives(W, d, g):
     # g[p, i, j] = W[i, j] d[p, j]: derivatives of the outputs w.r.t. z^(L-1).
     m, n_out, n = g.shape
-    for p in prange(m):
+    for p in range(m):
         for i in range(n_out):
             for j in range(n):
                 g[p, i, j] = W[i, j] * d[p, j]
 
 
-@njit(**JIT_PARALLEL)
+@njit(**JIT)
 def _scale_columns(g, d):
     # g[p, i, q] *= d[p, q]
     m, n_out, k = g.shape
-    for p in prange(m):
+    for p in range(m):
         for i in range(n_out):
             for q in range(k):
                 g[p, i, q] *= d[p, q]
 
 
 @njit(**JIT)
-def features(theta, widths, x, code, slope, acts, grads):
+def _features_block(theta, widths, x, code, slope, acts, grads, s0, s1):
+    # Features of samples [s0, s1) of x, written into the whole-set buffers.
+    P = x.shape[0]
+    m = s1 - s0
+    depth = widths.shape[0] - 1
+    n_out = widths[depth]
+    w_off = weight_offsets(widths)
+    start = hidden_starts(widths)
+    zbuf = np.empty(m * start[depth - 1], dtype=theta.dtype)
+    dbuf = np.empty(m * start[depth - 1], dtype=theta.dtype)
+
+    # forward pass: a^(h) into acts, sigma'(z^(h)) into dbuf
+    a = x[s0:s1]
+    for h in range(1, depth):
+        n, k = widths[h], widths[h - 1]
+        W = theta[w_off[h - 1] : w_off[h - 1] + n * k].reshape((n, k))
+        b = theta[w_off[h - 1] + n * k : w_off[h - 1] + n * k + n]
+        z = zbuf[m * start[h - 1] : m * start[h]].reshape((m, n))
+        d = dbuf[m * start[h - 1] : m * start[h]].reshape((m, n))
+        o = P * start[h - 1]
+        out = acts[o + s0 * n : o + s1 * n].reshape((m, n))
+        # z = a W^T, then a^(h) = sigma(z + b), sigma'(z + b)
+        np.dot(a, W.T, z)
+        _activate(z, b, out, d, code, slope)
+        a = out
+
+    # backward pass: g^(L-1) = W^(L) sigma'(z^(L-1)), then
+    # g^(h-1) = (g^(h) W^(h)) * sigma'(z^(h-1)) down to h = 2
+    h = depth - 1
+    n = widths[h]
+    WL = theta[w_off[h] : w_off[h] + n_out * n].reshape((n_out, n))
+    d = dbuf[m * start[h - 1] : m * start[h]].reshape((m, n))
+    o = P * n_out * start[h - 1]
+    g = grads[o + s0 * n_out * n : o + s1 * n_out * n].reshape((m, n_out, n))
+    _last_derivatives(WL, d, g)
+    for h in range(depth - 1, 1, -1):
+        n, k = widths[h], widths[h - 1]
+        W = theta[w_off[h - 1] : w_off[h - 1] + n * k].reshape((n, k))
+        d = dbuf[m * start[h - 2] : m * start[h - 1]].reshape((m, k))
+        o = P * n_out * start[h - 2]
+        nxt = grads[o + s0 * n_out * k : o + s1 * n_out * k].reshape((m, n_out, k))
+        # g^(h-1) = (g^(h) W^(h)) * sigma'(z^(h-1))
+        np.dot(g.reshape((m * n_out, n)), W, nxt.reshape((m * n_out, k)))
+        _scale_columns(nxt, d)
+        g = nxt
+
+
+@njit(**JIT_PARALLEL)
+def features(theta, widths, x, code, slope, acts, grads, n_threads):
     """Hidden activations and output derivatives of every sample of ``x``.
+
+    Blocks of samples are processed in parallel, each calling BLAS on its own
+    thread (run with single-threaded BLAS).
 
     Parameters
     ----------
@@ -199,61 +254,26 @@ def features(theta, widths, x, code, slope, acts, grads):
         a^(h) for h = 1..L-1, consecutive (P, n_h) blocks.
     grads : (P * n_out * (n_1 + ... + n_{L-1}),) output
         g^(h)[p, i, j] = dz^(L)_i / dz^(h)_j, consecutive (P, n_out, n_h) blocks.
+    n_threads : int
+        Threads of the calling context (``numba.get_num_threads()``).
     """
     P = x.shape[0]
-    depth = widths.shape[0] - 1
-    n_out = widths[depth]
-    if depth == 1:
+    if widths.shape[0] <= 2:
         return
-    w_off = weight_offsets(widths)
-    start = hidden_starts(widths)
-    block = min(P, 4 * SAMPLE_BLOCK)
-    zbuf = np.empty(block * start[depth - 1], dtype=theta.dtype)
-    dbuf = np.empty(block * start[depth - 1], dtype=theta.dtype)
-    for s0 in range(0, P, block):
-        s1 = min(P, s0 + block)
-        m = s1 - s0
-
-        # forward pass: a^(h) into acts, sigma'(z^(h)) into dbuf
-        a = x[s0:s1]
-        for h in range(1, depth):
-            n, k = widths[h], widths[h - 1]
-            W = theta[w_off[h - 1] : w_off[h - 1] + n * k].reshape((n, k))
-            b = theta[w_off[h - 1] + n * k : w_off[h - 1] + n * k + n]
-            z = zbuf[m * start[h - 1] : m * start[h]].reshape((m, n))
-            d = dbuf[m * start[h - 1] : m * start[h]].reshape((m, n))
-            o = P * start[h - 1]
-            out = acts[o + s0 * n : o + s1 * n].reshape((m, n))
-            # z = a W^T, then a^(h) = sigma(z + b), sigma'(z + b)
-            np.dot(a, W.T, z)
-            _activate(z, b, out, d, code, slope)
-            a = out
-
-        # backward pass: g^(L-1) = W^(L) sigma'(z^(L-1)), then
-        # g^(h-1) = (g^(h) W^(h)) * sigma'(z^(h-1)) down to h = 2
-        h = depth - 1
-        n = widths[h]
-        WL = theta[w_off[h] : w_off[h] + n_out * n].reshape((n_out, n))
-        d = dbuf[m * start[h - 1] : m * start[h]].reshape((m, n))
-        o = P * n_out * start[h - 1]
-        g = grads[o + s0 * n_out * n : o + s1 * n_out * n].reshape((m, n_out, n))
-        _last_derivatives(WL, d, g)
-        for h in range(depth - 1, 1, -1):
-            n, k = widths[h], widths[h - 1]
-            W = theta[w_off[h - 1] : w_off[h - 1] + n * k].reshape((n, k))
-            d = dbuf[m * start[h - 2] : m * start[h - 1]].reshape((m, k))
-            o = P * n_out * start[h - 2]
-            nxt = grads[o + s0 * n_out * k : o + s1 * n_out * k].reshape((m, n_out, k))
-            # g^(h-1) = (g^(h) W^(h)) * sigma'(z^(h-1))
-            np.dot(g.reshape((m * n_out, n)), W, nxt.reshape((m * n_out, k)))
-            _scale_columns(nxt, d)
-            g = nxt
+    # blocks small enough for every thread to get a few, large enough for BLAS
+    block = min(SAMPLE_BLOCK, max(32, -(-P // (2 * max(1, n_threads)))))
+    n_blocks = -(-P // block)
+    for k in prange(n_blocks):
+        s0 = k * block
+        _features_block(
+            theta, widths, x, code, slope, acts, grads, s0, min(P, s0 + block)
+        )
 
 
 # -- structured kernel, tile by tile --------------------------------------------------
 
 
-@njit(**JIT_PARALLEL)
+@njit(**JIT)
 def _combine(H, slot, pos, A, G, rate, how):
     """Fused pass over one tile: H (+)= (bias + weight A) * G.
 
@@ -271,12 +291,13 @@ def _combine(H, slot, pos, A, G, rate, how):
     n_out = int(n_outf + 0.5)
     ldg = tn * n_out
     zero = bias - bias
-    for a in prange(tm):
+    for a in range(tm):
         b_lo = a if upper else 0
+        hrow = H[slot, r0 + a]
         for b in range(b_lo, tn):
             # layer factor of the input Gram: bias_rate + weight_rate A[a, b]
             cab = bias + weight * A[a * tn + b]
-            h = H[slot, r0 + a, c0 + b]
+            h = hrow[c0 + b]
             if mode == TRACE:
                 v = cab * n_outf if identity else cab * G[a * tn + b]
                 h[0] = v if assign else h[0] + v
@@ -305,137 +326,164 @@ def _combine(H, slot, pos, A, G, rate, how):
 
 
 @njit(**JIT)
-def _gram(m, n, k, x, xo, y, yo, ld, c, co, ldc, diag):
-    # c = X Y^T (upper triangle only when diag, where X is Y)
-    one = c[0] - c[0] + 1
-    if diag:
-        syrk_upper(m, k, one, x, xo, ld, one - one, c, co, ldc)
-    else:
-        gemm_nt(m, n, k, one, x, xo, ld, y, yo, ld, one - one, c, co, ldc)
+def _mirror_tile(H, r0, c0, tm, tn, diag, full):
+    # H[s, c0 + b, r0 + a] = H[s, r0 + a, c0 + b] (output indices swapped when
+    # full): the transposed copy of a tile of a symmetric kernel; on a diagonal
+    # tile only its strict lower triangle is written, from the upper one.
+    n_slots, _, _, q = H.shape
+    n_out = int(np.sqrt(q) + 0.5) if full else 1
+    for s in range(n_slots):
+        for b in range(tn):
+            dst = H[s, c0 + b]
+            for a in range(b if diag else tm):
+                src = H[s, r0 + a, c0 + b]
+                d = dst[r0 + a]
+                if full:
+                    for i in range(n_out):
+                        for j in range(n_out):
+                            d[j * n_out + i] = src[i * n_out + j]
+                else:
+                    for k in range(q):
+                        d[k] = src[k]
 
 
 @njit(**JIT)
-def structured_stripe(
-    f1, f2, widths, rates, mode, sym, tile, H, r0, c0, per_layer, work
+def _gram(m, n, k, x, xo, y, yo, ld, c, co, ldc, diag):
+    # c = X Y^T (upper triangle only when diag, where X is Y)
+    if diag:
+        syrk_upper(m, k, 1.0, x, xo, ld, 0.0, c, co, ldc)
+    else:
+        gemm_nt(m, n, k, 1.0, x, xo, ld, y, yo, ld, 0.0, c, co, ldc)
+
+
+@njit(**JIT)
+def _tile(f1, f2, widths, rates, mode, tile, H, origin, per_layer, sym, work):
+    # Every layer of one tile: Gram matrices by BLAS, fused combine, and for a
+    # symmetric kernel the mirrored copy.  tile = (i0, j0, tm, tn, diag) in the
+    # local rows of f1 and columns of f2; origin = (R0, C0), their place in H.
+    x1, acts1, grads1, rows1, first1, _ = f1
+    x2, acts2, grads2, rows2, first2, _ = f2
+    i0, j0, tm, tn, diag = tile
+    R0, C0 = origin
+    depth = widths.shape[0] - 1
+    n_out = widths[depth]
+    start = hidden_starts(widths)
+    A = work[: tm * tn]
+    G = work[tm * tn :]
+    a1, a2 = first1 + i0, first2 + j0
+    for l in range(depth):
+        slot = l if per_layer else 0
+        last = l == depth - 1
+
+        # input Gram A = a^(l)[rows] a^(l)[columns]^T
+        k = widths[l]
+        if l == 0:
+            _gram(tm, tn, k, x1, a1 * k, x2, a2 * k, k, A, 0, tn, diag)
+        else:
+            o1 = rows1 * start[l - 1] + a1 * k
+            o2 = rows2 * start[l - 1] + a2 * k
+            _gram(tm, tn, k, acts1, o1, acts2, o2, k, A, 0, tn, diag)
+
+        # output-derivative Gram G of g^(l+1) (the identity on the last layer)
+        if not last:
+            n = widths[l + 1]
+            o1 = rows1 * n_out * start[l] + a1 * n_out * n
+            o2 = rows2 * n_out * start[l] + a2 * n_out * n
+            if mode == FULL:
+                # rows (a, i), columns (b, j), contracted over units
+                _gram(
+                    tm * n_out,
+                    tn * n_out,
+                    n,
+                    grads1,
+                    o1,
+                    grads2,
+                    o2,
+                    n,
+                    G,
+                    0,
+                    tn * n_out,
+                    diag,
+                )
+            elif mode == TRACE:
+                # the sum over outputs folded into the contraction
+                _gram(
+                    tm, tn, n_out * n, grads1, o1, grads2, o2, n_out * n, G, 0, tn, diag
+                )
+            else:
+                for i in range(n_out):
+                    _gram(
+                        tm,
+                        tn,
+                        n,
+                        grads1,
+                        o1 + i * n,
+                        grads2,
+                        o2 + i * n,
+                        n_out * n,
+                        G,
+                        i * tm * tn,
+                        tn,
+                        diag,
+                    )
+
+        # fused combine-and-accumulate into the result
+        _combine(
+            H,
+            slot,
+            (R0 + i0, C0 + j0, tm, tn, diag),
+            A,
+            G,
+            rates[l],
+            (mode, per_layer or l == 0, last),
+        )
+    if sym:
+        _mirror_tile(H, R0 + i0, C0 + j0, tm, tn, diag, mode == FULL)
+
+
+@njit(**JIT_PARALLEL)
+def structured_tiles(
+    f1, f2, widths, rates, mode, tiles, H, origin, per_layer, sym, work
 ):
-    """Kernel entries of one stripe of rows against a range of columns.
+    """Kernel entries of a list of tiles, the tiles in parallel.
 
     Parameters
     ----------
     f1, f2 : tuple (x, acts, grads, n_rows, first, count)
         Feature sets of the rows and the columns: ``x`` flattened (n_rows * n_0,),
         ``acts`` and ``grads`` as produced by :func:`features` for n_rows
-        samples; this call uses samples [first, first + count).
+        samples; local sample r is sample first + r of the set.
     widths : (L + 1,) int64
     rates : (L, 3) array in H's dtype: bias_rate, weight_rate, n_out per layer.
     mode : FULL, TRACE or DIAGONAL.
-    sym : bool
-        f1 and f2 are the same samples (a symmetric kernel): the first column
-        tile is the diagonal block and only its upper triangle is computed.
-    tile : int
-        Columns per tile.
-    H : (n_slots, P1, P2, q) result; rows r0 + [0, count1), columns
-        c0 + [0, count2) are written.
+    tiles : (n_tiles, 5) int64
+        (i0, j0, tm, tn, diag): local rows [i0, i0 + tm) against local columns
+        [j0, j0 + tn); ``diag`` marks a tile on the diagonal of a symmetric
+        kernel (i0 = j0, tm = tn), of which only the upper triangle is computed.
+        Threads take the tiles in turn, so list them by decreasing cost.
+    H : (n_slots, P1, P2, q) result; local (row, column) goes to
+        (origin[0] + row, origin[1] + column).
     per_layer : bool
         Layer l goes to slot l (else every layer adds into slot 0).
-    work : flat scratch of at least tile * count1 * (1 + q_gram) entries, where
+    sym : bool
+        A symmetric kernel: each tile is also written transposed (and diagonal
+        tiles completed), so the tiles cover the upper triangle only.
+    work : (n_threads, size) scratch, one row per thread (one thread per row,
+        so give it as many rows as ``numba.get_num_threads()``), size >= tm * tn *
+        (1 + q_gram), where
         q_gram is n_out^2 (full), 1 (trace) or n_out (diagonal).
+
+    BLAS runs inside each tile on the calling thread: call with single-threaded
+    BLAS, the parallelism comes from the tiles.
     """
-    x1, acts1, grads1, rows1, first1, m = f1
-    x2, acts2, grads2, rows2, first2, ncols = f2
-    depth = widths.shape[0] - 1
-    n_out = widths[depth]
-    start = hidden_starts(widths)
-    gsize = (
-        m * tile * (n_out * n_out if mode == FULL else (1 if mode == TRACE else n_out))
-    )
-    A = work[: m * tile]
-    G = work[m * tile : m * tile + gsize]
-    cb0 = 0
-    while cb0 < ncols:
-        diag = sym and cb0 == 0
-        tn = m if diag else min(tile, ncols - cb0)
-        for l in range(depth):
-            slot = l if per_layer else 0
-            assign = per_layer or l == 0
-            last = l == depth - 1
-
-            # input Gram A = a^(l) rows . a^(l) columns^T
-            k = widths[l]
-            if l == 0:
-                _gram(
-                    m, tn, k, x1, first1 * k, x2, (first2 + cb0) * k, k, A, 0, tn, diag
-                )
-            else:
-                o1 = rows1 * start[l - 1] + first1 * k
-                o2 = rows2 * start[l - 1] + (first2 + cb0) * k
-                _gram(m, tn, k, acts1, o1, acts2, o2, k, A, 0, tn, diag)
-
-            # output-derivative Gram G of g^(l+1) (identity on the last layer)
-            if not last:
-                n = widths[l + 1]
-                o1 = rows1 * n_out * start[l] + first1 * n_out * n
-                o2 = rows2 * n_out * start[l] + (first2 + cb0) * n_out * n
-                if mode == FULL:
-                    # rows (a, i), columns (b, j), contracted over units
-                    _gram(
-                        m * n_out,
-                        tn * n_out,
-                        n,
-                        grads1,
-                        o1,
-                        grads2,
-                        o2,
-                        n,
-                        G,
-                        0,
-                        tn * n_out,
-                        diag,
-                    )
-                elif mode == TRACE:
-                    # sum over outputs folded into the contraction
-                    _gram(
-                        m,
-                        tn,
-                        n_out * n,
-                        grads1,
-                        o1,
-                        grads2,
-                        o2,
-                        n_out * n,
-                        G,
-                        0,
-                        tn,
-                        diag,
-                    )
-                else:
-                    for i in range(n_out):
-                        _gram(
-                            m,
-                            tn,
-                            n,
-                            grads1,
-                            o1 + i * n,
-                            grads2,
-                            o2 + i * n,
-                            n_out * n,
-                            G,
-                            i * m * tn,
-                            tn,
-                            diag,
-                        )
-
-            # fused combine-and-accumulate into the result
-            _combine(
-                H,
-                slot,
-                (r0, c0 + cb0, m, tn, diag),
-                A,
-                G,
-                rates[l],
-                (mode, assign, last),
-            )
-        cb0 += tn
+    # thread t takes tiles t, t + n_threads, ...: balanced when the list is
+    # sorted by decreasing cost
+    n_threads = max(1, min(work.shape[0], tiles.shape[0]))
+    for t in prange(n_threads):
+        for k in range(t, tiles.shape[0], n_threads):
+            i0, j0, tm, tn, diag = tiles[k]
+            tile = (i0, j0, tm, tn, diag != 0)
+            _tile(f1, f2, widths, rates, mode, tile, H, origin, per_layer, sym, work[t])
 
 
 @njit(**JIT_PARALLEL)
