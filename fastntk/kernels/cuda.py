@@ -86,10 +86,12 @@ class _Launch:
     threads : int
         Side of the square thread block of the 2-D elementwise kernels (the 1-D
         kernels use ``threads ** 2`` threads per block).
-    gemm : tuple of int
+    gemm : tuple of int or None
         (threads_y, threads_x, rows_per_thread, cols_per_thread, k_tile) of the
         tiled matrix-product kernel; one block computes a tile of
         (threads_y * rows_per_thread) x (threads_x * cols_per_thread) entries.
+        None (default) picks :data:`GEMM_LARGE` for products with at least
+        :data:`GEMM_LARGE_MIN_TILES` of its tiles, :data:`GEMM_SMALL` otherwise.
     blas : {"auto", "cublas", "numba"}
         ``"auto"`` uses cuBLAS through CuPy when CuPy imports, the tiled kernel
         otherwise.
@@ -97,12 +99,24 @@ class _Launch:
 
     def __init__(self):
         self.threads = 16
-        self.gemm = (16, 16, 4, 4, 16)
+        self.gemm = None
         self.blas = "auto"
 
 
 #: The launch configuration in use.
 LAUNCH = _Launch()
+
+#: GEMM tiles of 128 x 128 (8 x 8 entries per thread): four multiply-adds per
+#: shared-memory load, for large products.
+GEMM_LARGE = (16, 16, 8, 8, 8)
+
+#: GEMM tiles of 64 x 64 (4 x 4 entries per thread): more blocks for small
+#: products.
+GEMM_SMALL = (16, 16, 4, 4, 16)
+
+#: Products with at least this many 128 x 128 tiles use :data:`GEMM_LARGE`
+#: (about two blocks per multiprocessor of a large GPU).
+GEMM_LARGE_MIN_TILES = 256
 
 
 @contextlib.contextmanager
@@ -115,6 +129,7 @@ def launch_config(threads=None, gemm=None, blas=None):
         Side of the 2-D thread blocks of the elementwise kernels.
     gemm : tuple of 5 int, optional
         (threads_y, threads_x, rows_per_thread, cols_per_thread, k_tile).
+        The default, None, chooses per product.
     blas : {"auto", "cublas", "numba"}, optional
     """
     previous = (LAUNCH.threads, LAUNCH.gemm, LAUNCH.blas)
@@ -122,6 +137,12 @@ def launch_config(threads=None, gemm=None, blas=None):
         LAUNCH.threads = int(threads)
     if gemm is not None:
         LAUNCH.gemm = tuple(int(v) for v in gemm)
+        if len(LAUNCH.gemm) != 5 or min(LAUNCH.gemm) < 1:
+            LAUNCH.gemm = previous[1]
+            raise ValueError(
+                f"gemm: expected 5 positive integers (threads_y, threads_x, "
+                f"rows_per_thread, cols_per_thread, k_tile), received {gemm!r}"
+            )
     if blas is not None:
         if blas not in ("auto", "cublas", "numba"):
             raise ValueError(
@@ -242,13 +263,15 @@ def _gemm_kernel(dtype, ty, tx, rm, rn, bk):
     # of op(A) and op(B) in shared memory and accumulates rm x rn products in
     # registers.
     bm, bn, nthreads = ty * rm, tx * rn, ty * tx
+    # one padding column keeps the staging stores free of bank conflicts; the
+    # shapes are computed here so that the kernel sees them as constants
+    sa_shape, sb_shape = (bk, bm + 1), (bk, bn + 1)
     nbtype = numba.from_dtype(np.dtype(dtype))
 
     @cuda.jit(**CUDA_JIT)
     def kernel(A, B, C, trans_a, trans_b):
-        # one padding column keeps the staging stores free of bank conflicts
-        sa = cuda.shared.array((bk, bm + 1), nbtype)
-        sb = cuda.shared.array((bk, bn + 1), nbtype)
+        sa = cuda.shared.array(sa_shape, nbtype)
+        sb = cuda.shared.array(sb_shape, nbtype)
         acc = cuda.local.array((rm, rn), nbtype)
         ra = cuda.local.array(rm, nbtype)
         rb = cuda.local.array(rn, nbtype)
@@ -469,9 +492,13 @@ def gemm(A, B, C, trans_a=False, trans_b=False, stream=0):
         with _cupy_stream(stream):
             cp.matmul(a.T if trans_a else a, b.T if trans_b else b, out=c)
     else:
-        ty, tx, rm, rn, bk = LAUNCH.gemm
-        kernel = _gemm_kernel(np.dtype(C.dtype).str, ty, tx, rm, rn, bk)
         M, N = C.shape
+        config = LAUNCH.gemm
+        if config is None:
+            tiles = (-(-M // 128)) * (-(-N // 128))
+            config = GEMM_LARGE if tiles >= GEMM_LARGE_MIN_TILES else GEMM_SMALL
+        ty, tx, rm, rn, bk = config
+        kernel = _gemm_kernel(np.dtype(C.dtype).str, ty, tx, rm, rn, bk)
         grid = (max(1, -(-N // (tx * rn))), max(1, -(-M // (ty * rm))))
         kernel[grid, (tx, ty), stream](A, B, C, bool(trans_a), bool(trans_b))
     if start is not None:
