@@ -391,8 +391,10 @@ def _cupy_stream(stream):
     # CuPy stream context matching a numba stream (0: the default stream).
     cp = _cupy()
     if not stream:
-        return contextlib.nullcontext()
-    return cp.cuda.ExternalStream(int(stream.handle.value))
+        # the legacy default stream, where numba launches with stream 0 run
+        return cp.cuda.Stream.null
+    # numba streams convert to their CUstream handle with int()
+    return cp.cuda.ExternalStream(int(stream))
 
 
 class _GemmProfile:
