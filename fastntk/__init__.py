@@ -42,6 +42,7 @@ _SUBMODULES = {
     "theory": "fastntk.theory",
     "data": "fastntk.data",
     "interop": "fastntk.interop",
+    "distributed": "fastntk.distributed",
 }
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
