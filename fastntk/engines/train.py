@@ -793,14 +793,43 @@ def _choose_kernel(a: _TrainArgs, kernel: str) -> str:
     return "fused" if small and batch * a.net.n_params <= FUSED_MAX_WORK else "blas"
 
 
+def _staggered(dtype, parts):
+    """Views of one new array, each starting at a chosen address modulo 4 KiB.
+
+    ``parts`` is a list of (length, residue, anchor): the entry ``anchor`` of the
+    view lands at an address congruent to ``residue`` bytes modulo 4096, on a
+    64-byte boundary.  Streams that read one buffer while writing another run
+    at full speed only when their addresses differ modulo 4 KiB by more than a
+    few cache lines; placing the buffers of the step loop this way makes its
+    speed independent of where the allocator happens to put them.
+    """
+    item = np.dtype(dtype).itemsize
+    page = 4096 // item
+    sizes = [length + 2 * page for length, _, _ in parts]
+    arena = np.zeros(sum(sizes) + page, dtype=dtype)
+    base = arena.ctypes.data
+    views, pos = [], 0
+    for (length, residue, anchor), size in zip(parts, sizes):
+        # smallest start >= pos with base + (start + anchor) item = residue mod 4096
+        want = (residue - base - (pos + anchor) * item) % 4096
+        start = pos + want // item
+        views.append(arena[start : start + length])
+        pos += size
+    return views
+
+
 class _Stepper:
-    """The compiled step loop for one run: plan, buffers and kernel addresses."""
+    """The compiled step loop for one run: plan, buffers and kernel addresses.
+
+    ``buffers`` are the two parameter vectors the steps alternate between.
+    """
 
     def __init__(self, a: _TrainArgs, kernel: str):
         from fastntk.engines import _loop
 
         net = a.net
         dtype = a.params.dtype
+        n = net.n_params
         P = a.x.shape[0]
         batch = P if a.batch_size is None else a.batch_size
         kind, self.rate = _update_operator(a)
@@ -820,17 +849,22 @@ class _Stepper:
         self.x = a.x.reshape(-1)
         self.y = a.y.reshape(-1)
         self.loop = _loop
+
+        # parameter buffers and gradient a quarter of a page apart (mod 4 KiB)
         if self.kernel == "fused":
-            self.work = np.zeros(work_size, dtype=dtype)
             self.grad_offset = cpu_step.gradient_offset(self.plan)
+            theta_a, theta_b, self.work = _staggered(
+                dtype, [(n, 0, 0), (n, 2048, 0), (work_size, 1024, self.grad_offset)]
+            )
             self.all_rows = np.arange(P, dtype=np.int64)
         else:
             self.block = min(batch, BLAS_BLOCK)
-            self.grad = np.empty(net.n_params, dtype=dtype)
-            self.buf = np.empty(
-                _loop.blas_buffer_size(self.plan, self.block), dtype=dtype
+            size = _loop.blas_buffer_size(self.plan, self.block)
+            theta_a, theta_b, self.grad, self.buf = _staggered(
+                dtype, [(n, 0, 0), (n, 2048, 0), (n, 1024, 0), (size, 3072, 0)]
             )
             self.no_rows = np.zeros(0, dtype=np.int64)
+        self.buffers = [theta_a, theta_b]
 
     def run(self, cur, nxt, order, starts, sizes):
         """Run the steps described by (order, starts, sizes) from ``cur``.
@@ -1053,7 +1087,9 @@ def _train_cpu(a: _TrainArgs):
     schedule = _Schedule(a.x.shape[0], a.batch_size, a.steps_per_epoch, a.seed)
 
     # two parameter buffers: the step reads one and writes the other
-    bufs = [a.params.theta.copy(), np.empty_like(a.params.theta)]
+    stepper = _Stepper(a, a.kernel)
+    bufs = stepper.buffers
+    bufs[0][:] = a.params.theta
     cur = 0
     have_previous = False
     t = 0
@@ -1077,7 +1113,6 @@ def _train_cpu(a: _TrainArgs):
             history._drop_ntk_from(t, lambda s: s % a.ntk_every == 0)
         logger.info("resuming from %s at step %d", a.checkpoint, t)
 
-    stepper = _Stepper(a, a.kernel)
     start_time = time.perf_counter()
     h0 = [history.ntk[0]] if history.ntk else []
     last_loss, last_step = math.nan, -1
@@ -1199,7 +1234,7 @@ def _train_cpu(a: _TrainArgs):
         a.params.theta[:] = theta
         result = a.params
     else:
-        result = net.params(theta, copy=False)
+        result = net.params(theta)
     if message is not None:
         if a.on_divergence == "raise":
             raise TrainingDiverged(message, result, history, history.diverged_step)

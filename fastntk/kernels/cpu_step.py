@@ -36,7 +36,7 @@ from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fastntk._config import JIT
+from fastntk._config import JIT, JIT_INLINE
 from fastntk.kernels.activations import RELU, act, dact
 from fastntk.kernels.cpu import MSE
 
@@ -51,7 +51,8 @@ TILE_ROWS = 4
 UPDATE_SCALAR, UPDATE_DIAGONAL, UPDATE_DENSE = 0, 1, 2
 
 # -- plan layout -----------------------------------------------------------------
-# Header entries of a plan; widths, offsets and workspace offsets follow.
+# Header entries of a plan; widths [n_0..n_L], weight offsets, bias offsets and
+# the workspace offsets of the fused step follow.
 PLAN_DEPTH = 0
 PLAN_ACTIVATION = 1
 PLAN_LOSS = 2
@@ -63,22 +64,39 @@ PLAN_BATCH = 7
 PLAN_WORK = 8  # workspace length of the fused step
 PLAN_HEADER = 9
 
-
-@njit(**JIT)
-def _plan_w_off(depth):
-    return PLAN_HEADER + depth + 1
-
-
-@njit(**JIT)
-def _plan_b_off(depth):
-    return PLAN_HEADER + 2 * depth + 1
+# Workspace blocks of the fused step: the batch inputs (feature-major), the
+# gradient, two error buffers, a block of zeros, then per layer the
+# preactivations and activations (feature-major) and the activations
+# (sample-major).
+WS_XT, WS_GRAD, WS_D0, WS_D1, WS_ZEROS, WS_LAYERS = range(6)
+WS_PER_LAYER = 3
 
 
 @njit(**JIT)
-def _plan_work(depth):
-    # Workspace offsets of the fused step: xs, xT, grad, delta0, delta1, zeros,
-    # then per layer zT, aT, as.
-    return PLAN_HEADER + 3 * depth + 1
+def plan_length(depth):
+    """Entries of the plan of a network of ``depth`` layers."""
+    return PLAN_HEADER + 3 * depth + 1 + WS_LAYERS + WS_PER_LAYER * depth
+
+
+@njit(**JIT)
+def _widths(plan, l):
+    return plan[PLAN_HEADER + l]
+
+
+@njit(**JIT)
+def _w_off(plan, l):
+    return plan[PLAN_HEADER + plan[PLAN_DEPTH] + 1 + l]
+
+
+@njit(**JIT)
+def _b_off(plan, l):
+    return plan[PLAN_HEADER + 2 * plan[PLAN_DEPTH] + 1 + l]
+
+
+@njit(**JIT)
+def _ws(plan, block):
+    # Offset of a workspace block (WS_* or WS_LAYERS + 3 l + 0/1/2).
+    return plan[PLAN_HEADER + 3 * plan[PLAN_DEPTH] + 1 + block]
 
 
 @njit(**JIT)
@@ -109,7 +127,7 @@ def make_plan(widths, activation_code, loss_code, mean, update_kind, n_samples, 
     -------
     plan : ndarray of int64
     work_size : int
-        Entries of the workspace :func:`fused_step` needs.
+        Entries of the workspace :func:`fused_gradient` needs.
     """
     widths = [int(w) for w in widths]
     depth = len(widths) - 1
@@ -122,21 +140,15 @@ def make_plan(widths, activation_code, loss_code, mean, update_kind, n_samples, 
         pos += widths[l + 1]
     n_params = pos
 
-    # workspace of the fused step, every block a multiple of LANES entries
+    # workspace blocks, each rounded up to a multiple of LANES entries plus one
+    # vector, so that no two blocks start a multiple of 4 KiB apart (loads
+    # and stores at such distances falsely depend on each other)
     bp = padded(batch)
     wmax = max(widths)
-    sizes = [
-        batch * widths[0],
-        widths[0] * bp,
-        padded(n_params),
-        wmax * bp,
-        wmax * bp,
-        wmax,
-    ]
-    for l in range(depth):
-        n = widths[l + 1]
-        sizes += [n * bp, n * bp, padded(batch * n)]
-    offsets = np.concatenate([[0], np.cumsum([padded(s) for s in sizes])])
+    sizes = [widths[0] * bp, n_params, wmax * bp, wmax * bp, wmax]
+    for n in widths[1:]:
+        sizes += [n * bp, n * bp, batch * n]
+    offsets = np.cumsum([0] + [padded(s) + LANES for s in sizes])
     header = [
         depth,
         activation_code,
@@ -148,10 +160,8 @@ def make_plan(widths, activation_code, loss_code, mean, update_kind, n_samples, 
         batch,
         int(offsets[-1]),
     ]
-    plan = np.array(
-        header + widths + w_off + b_off + offsets[:-1].tolist(), dtype=np.int64
-    )
-    return plan, int(offsets[-1])
+    plan = header + widths + w_off + b_off + offsets[:-1].tolist()
+    return np.array(plan, dtype=np.int64), int(offsets[-1])
 
 
 # -- explicit SIMD tiles ---------------------------------------------------------
@@ -175,14 +185,12 @@ def _tile_slot(context, builder, tile, row, dtype):
     return builder.gep(base, [row])
 
 
-def _splat(context, builder, value, fromty, dtype):
-    # A vector with every entry equal to ``value``.
-    vt = _vector_type(context, dtype)
-    v = context.cast(builder, value, fromty, dtype)
+def _splat(builder, value, vector_type):
+    # A vector with every entry equal to ``value`` (of the vector's element type).
     zero = llir.Constant(llir.IntType(32), 0)
-    v = builder.insert_element(llir.Constant(vt, llir.Undefined), v, zero)
+    v = builder.insert_element(llir.Constant(vector_type, llir.Undefined), value, zero)
     mask = llir.Constant(llir.VectorType(llir.IntType(32), LANES), [0] * LANES)
-    return builder.shuffle_vector(v, llir.Constant(vt, llir.Undefined), mask)
+    return builder.shuffle_vector(v, llir.Constant(vector_type, llir.Undefined), mask)
 
 
 @intrinsic
@@ -203,7 +211,8 @@ def _tile_fill(typingctx, tile, row, value):
 
     def codegen(context, builder, sig, args):
         dt = tile.dtype
-        v = _splat(context, builder, args[2], value, dt)
+        v = context.cast(builder, args[2], value, dt)
+        v = _splat(builder, v, _vector_type(context, dt))
         builder.store(v, _tile_slot(context, builder, args[0], args[1], dt))
         return context.get_dummy_value()
 
@@ -218,10 +227,9 @@ def _tile_fma(typingctx, tile, row, coef, ary, offset):
         dt = tile.dtype
         vt = _vector_type(context, dt)
         slot = _tile_slot(context, builder, args[0], args[1], dt)
-        c = _splat(context, builder, args[2], coef, dt)
-        v = builder.load(
-            _element_vector(context, builder, ary, args[3], args[4]), align=1
-        )
+        c = _splat(builder, context.cast(builder, args[2], coef, dt), vt)
+        ptr = _element_vector(context, builder, ary, args[3], args[4])
+        v = builder.load(ptr, align=1)
         name = f"llvm.fma.v{LANES}{'f64' if dt.bitwidth == 64 else 'f32'}"
         fma = cgutils.get_or_insert_function(
             builder.module, llir.FunctionType(vt, [vt, vt, vt]), name
@@ -246,130 +254,214 @@ def _tile_store(typingctx, tile, row, ary, offset):
     return types.void(tile, row, ary, offset), codegen
 
 
-@njit(**JIT)
-def _tile4(out, o0, old, init, i0, C, c0, cr, cj, nj, V, v0, vld):
-    # Four rows r = 0..3, LANES columns:
-    # out[o0 + r old + c] = init[i0 + r] + sum_j C[c0 + r cr + j cj] V[v0 + j vld + c]
-    tile = _tile_new(out)
-    _tile_fill(tile, 0, init[i0])
-    _tile_fill(tile, 1, init[i0 + 1])
-    _tile_fill(tile, 2, init[i0 + 2])
-    _tile_fill(tile, 3, init[i0 + 3])
+@intrinsic
+def _gather_lanes(typingctx, out, offset, x, rows, first, stride, column, count):
+    """out[offset + l] = x[rows[first + l] * stride + column] for l < count.
+
+    Lanes count..LANES-1 of the output are set to zero; ``rows`` is read only
+    for l < count.  One masked vector gather.
+    """
+
+    def codegen(context, builder, sig, args):
+        out_v, off_v, x_v, rows_v, first_v, stride_v, col_v, count_v = args
+        dt = out.dtype
+        vt = _vector_type(context, dt)
+        i32, i64 = llir.IntType(32), llir.IntType(64)
+        iv = llir.VectorType(i64, LANES)
+        mask = builder.icmp_signed(
+            "<", llir.Constant(iv, list(range(LANES))), _splat(builder, count_v, iv)
+        )
+
+        # row indices of the active lanes
+        rows_a = context.make_array(rows)(context, builder, rows_v)
+        rptr = builder.bitcast(
+            builder.gep(rows_a.data, [first_v]), llir.PointerType(iv)
+        )
+        load = cgutils.get_or_insert_function(
+            builder.module,
+            llir.FunctionType(iv, [rptr.type, i32, mask.type, iv]),
+            "llvm.masked.load.v8i64.p0",
+        )
+        r = builder.call(
+            load, [rptr, llir.Constant(i32, 8), mask, llir.Constant(iv, [0] * LANES)]
+        )
+
+        # addresses x + (row * stride + column) * itemsize, then the gather
+        size = dt.bitwidth // 8
+        x_a = context.make_array(x)(context, builder, x_v)
+        base = _splat(builder, builder.ptrtoint(x_a.data, i64), iv)
+        pos = builder.add(
+            builder.mul(r, _splat(builder, stride_v, iv)), _splat(builder, col_v, iv)
+        )
+        addr = builder.add(
+            base, builder.mul(pos, _splat(builder, llir.Constant(i64, size), iv))
+        )
+        ptrs = builder.inttoptr(
+            addr, llir.VectorType(llir.PointerType(vt.element), LANES)
+        )
+        name = f"llvm.masked.gather.v{LANES}{'f64' if size == 8 else 'f32'}.v8p0"
+        gather = cgutils.get_or_insert_function(
+            builder.module,
+            llir.FunctionType(vt, [ptrs.type, i32, mask.type, vt]),
+            name,
+        )
+        v = builder.call(
+            gather,
+            [ptrs, llir.Constant(i32, size), mask, llir.Constant(vt, [0.0] * LANES)],
+        )
+        out_a = context.make_array(out)(context, builder, out_v)
+        optr = builder.bitcast(builder.gep(out_a.data, [off_v]), llir.PointerType(vt))
+        builder.store(v, optr, align=1)
+        return context.get_dummy_value()
+
+    sig = types.void(out, offset, x, rows, first, stride, column, count)
+    return sig, codegen
+
+
+# -- small matrix products -------------------------------------------------------
+# Operands are tuples: out = (array, offset, row stride), C = (array, offset,
+# row stride, column stride), V = (array, offset, row stride), init = (array,
+# offset); rows of out and V are contiguous.
+
+
+@njit(**JIT_INLINE)
+def _v_row(V, vrows, j):
+    # Offset of row j of V, directly or through the row indices ``vrows``.
+    if vrows is None:
+        return V[1] + j * V[2]
+    return V[1] + vrows[j] * V[2]
+
+
+@njit(**JIT_INLINE)
+def _tile4(out, r, c, init, C, V, vrows, nj):
+    # Rows r..r+3, columns c..c+LANES-1 of out = init + C V.
+    o, oo, ld = out
+    ca, co, cr, cj = C
+    va = V[0]
+    tile = _tile_new(o)
+    _tile_fill(tile, 0, init[0][init[1] + r])
+    _tile_fill(tile, 1, init[0][init[1] + r + 1])
+    _tile_fill(tile, 2, init[0][init[1] + r + 2])
+    _tile_fill(tile, 3, init[0][init[1] + r + 3])
     for j in range(nj):
-        cp = c0 + j * cj
-        vp = v0 + j * vld
-        _tile_fma(tile, 0, C[cp], V, vp)
-        _tile_fma(tile, 1, C[cp + cr], V, vp)
-        _tile_fma(tile, 2, C[cp + 2 * cr], V, vp)
-        _tile_fma(tile, 3, C[cp + 3 * cr], V, vp)
-    _tile_store(tile, 0, out, o0)
-    _tile_store(tile, 1, out, o0 + old)
-    _tile_store(tile, 2, out, o0 + 2 * old)
-    _tile_store(tile, 3, out, o0 + 3 * old)
+        cp = co + r * cr + j * cj
+        vp = _v_row(V, vrows, j) + c
+        _tile_fma(tile, 0, ca[cp], va, vp)
+        _tile_fma(tile, 1, ca[cp + cr], va, vp)
+        _tile_fma(tile, 2, ca[cp + 2 * cr], va, vp)
+        _tile_fma(tile, 3, ca[cp + 3 * cr], va, vp)
+    base = oo + r * ld + c
+    _tile_store(tile, 0, o, base)
+    _tile_store(tile, 1, o, base + ld)
+    _tile_store(tile, 2, o, base + 2 * ld)
+    _tile_store(tile, 3, o, base + 3 * ld)
 
 
-@njit(**JIT)
-def _tile1(out, o0, init, i0, C, c0, cj, nj, V, v0, vld):
-    # One row of LANES columns: out[o0 + c] = init[i0] + sum_j C[c0 + j cj] V[...]
-    tile = _tile_new(out)
-    _tile_fill(tile, 0, init[i0])
+@njit(**JIT_INLINE)
+def _tile1(out, r, c, init, C, V, vrows, nj):
+    # Row r, columns c..c+LANES-1 of out = init + C V.
+    o, oo, ld = out
+    ca, co, cr, cj = C
+    tile = _tile_new(o)
+    _tile_fill(tile, 0, init[0][init[1] + r])
     for j in range(nj):
-        _tile_fma(tile, 0, C[c0 + j * cj], V, v0 + j * vld)
-    _tile_store(tile, 0, out, o0)
+        _tile_fma(tile, 0, ca[co + r * cr + j * cj], V[0], _v_row(V, vrows, j) + c)
+    _tile_store(tile, 0, o, oo + r * ld + c)
 
 
-@njit(**JIT)
-def matmul_rows(out, o0, old, rows, cols, init, i0, C, c0, cr, cj, nj, V, v0, vld):
-    """Small matrix product on flat arrays, by register tiles.
+@njit(**JIT_INLINE)
+def matmul_rows(out, init, C, V, rows, cols, nj, vrows):
+    """Small matrix product by register tiles: out = init + C V.
 
-    out[o0 + r old + c] = init[i0 + r] + sum_{j < nj} C[c0 + r cr + j cj]
-    V[v0 + j vld + c] for r < rows, c < cols.  ``C`` may have any strides (its
-    entries are broadcast); rows of ``V`` and ``out`` are contiguous.  Columns
-    beyond the last multiple of :data:`LANES` are summed one by one.
+    out[r, c] = init[r] + sum_{j < nj} C[r, j] V[j, c] for r < rows, c < cols,
+    operands as described above.  ``C`` may have any strides (its entries are
+    broadcast); row j of ``V`` is row ``vrows[j]`` when ``vrows`` is not None.
+    Columns beyond the last multiple of :data:`LANES` are summed one by one.
     """
     full = cols - cols % LANES
     r = 0
     while r + TILE_ROWS <= rows:
         for c in range(0, full, LANES):
-            _tile4(
-                out,
-                o0 + r * old + c,
-                old,
-                init,
-                i0 + r,
-                C,
-                c0 + r * cr,
-                cr,
-                cj,
-                nj,
-                V,
-                v0 + c,
-                vld,
-            )
+            _tile4(out, r, c, init, C, V, vrows, nj)
         r += TILE_ROWS
     while r < rows:
         for c in range(0, full, LANES):
-            _tile1(
-                out,
-                o0 + r * old + c,
-                init,
-                i0 + r,
-                C,
-                c0 + r * cr,
-                cj,
-                nj,
-                V,
-                v0 + c,
-                vld,
-            )
+            _tile1(out, r, c, init, C, V, vrows, nj)
         r += 1
+
     # columns left over: plain sums
+    o, oo, ld = out
+    ca, co, cr, cj = C
     for r in range(rows):
         for c in range(full, cols):
-            s = init[i0 + r]
+            s = init[0][init[1] + r]
             for j in range(nj):
-                s += C[c0 + r * cr + j * cj] * V[v0 + j * vld + c]
-            out[o0 + r * old + c] = s
+                s += ca[co + r * cr + j * cj] * V[0][_v_row(V, vrows, j) + c]
+            o[oo + r * ld + c] = s
 
 
 # -- fused step ------------------------------------------------------------------
 
 
 @njit(**JIT)
-def _loss_columns(zT, bp, y, idx, nb, n_out, loss, scale, dT):
-    # Loss of the batch and its error factor, feature-major: column b of zT is
-    # sample idx[b]; dT receives scale * dL/dz, zero on padding columns.
+def _activate(work, z, a, count, code, slope):
+    # a = sigma(z) over ``count`` entries of the workspace.
+    if code == RELU:
+        for m in range(count):
+            v = work[z + m]
+            work[a + m] = v if v > 0 else 0.0 * v
+    else:
+        for m in range(count):
+            work[a + m] = act(code, work[z + m], slope)
+
+
+@njit(**JIT)
+def _derivative(work, d, z, count, code, slope):
+    # d *= sigma'(z) over ``count`` entries of the workspace.
+    if code == RELU:
+        for m in range(count):
+            work[d + m] = work[d + m] if work[z + m] > 0 else 0.0 * work[d + m]
+    else:
+        for m in range(count):
+            work[d + m] *= dact(code, work[z + m], slope)
+
+
+@njit(**JIT)
+def _loss_columns(work, z, bp, y, idx, nb, n_out, loss, scale, d):
+    # Loss of the batch and error factor, feature-major: column b of the block
+    # at z is sample idx[b]; the block at d receives scale * dL/dz, zero on the
+    # padding columns.
     total = 0.0
     for b in range(nb):
         row = idx[b] * n_out
         if loss == MSE:
             s = 0.0
             for i in range(n_out):
-                d = zT[i * bp + b] - y[row + i]
-                dT[i * bp + b] = scale * d
-                s += d * d
+                e = work[z + i * bp + b] - y[row + i]
+                work[d + i * bp + b] = scale * e
+                s += e * e
             total += 0.5 * s
         else:
             # softmax cross-entropy with the log-sum-exp shifted by the max logit
-            zmax = zT[b]
+            zmax = work[z + b]
             for i in range(1, n_out):
-                zmax = max(zmax, zT[i * bp + b])
+                zmax = max(zmax, work[z + i * bp + b])
             se = 0.0
             for i in range(n_out):
-                se += np.exp(zT[i * bp + b] - zmax)
+                se += np.exp(work[z + i * bp + b] - zmax)
             lse = zmax + np.log(se)
             ysum = 0.0
             yz = 0.0
             for i in range(n_out):
                 ysum += y[row + i]
-                yz += y[row + i] * zT[i * bp + b]
+                yz += y[row + i] * work[z + i * bp + b]
             for i in range(n_out):
-                p = np.exp(zT[i * bp + b] - lse)
-                dT[i * bp + b] = scale * (p * ysum - y[row + i])
+                p = np.exp(work[z + i * bp + b] - lse)
+                work[d + i * bp + b] = scale * (p * ysum - y[row + i])
             total += lse * ysum - yz
     for i in range(n_out):
         for b in range(nb, bp):
-            dT[i * bp + b] = 0.0
+            work[d + i * bp + b] = 0.0
     return scale * total
 
 
@@ -377,64 +469,50 @@ def _loss_columns(zT, bp, y, idx, nb, n_out, loss, scale, dT):
 def fused_gradient(theta, x, y, idx, nb, plan, fpar, work):
     """Loss of the batch ``idx[:nb]`` and its gradient, in one pass.
 
-    Returns the loss (with the plan's reduction over the batch); the gradient
-    dL/dtheta is left in ``work[plan[PLAN_WORK + ...]]``, see
-    :func:`gradient_offset`, and is only complete when the loss is finite (the
-    backward pass is skipped otherwise).  ``x`` (P, n_0) and ``y`` (P, n_L) are
-    flat; ``fpar[0]`` is the leaky-ReLU slope.
+    Returns the loss (with the plan's reduction over the batch) and leaves the
+    gradient dL/dtheta in the workspace at :func:`gradient_offset`; when the
+    loss is not finite the backward pass is skipped.  ``x`` (P, n_0) and ``y``
+    (P, n_L) are flat; ``fpar[0]`` is the leaky-ReLU slope.
+
+    Activations are feature-major, the batch padded with zero columns to
+    ``bp``, a multiple of :data:`LANES`: zT[i, b] at ``zT + i bp + b``.
     """
     depth = plan[PLAN_DEPTH]
     code = plan[PLAN_ACTIVATION]
     slope = fpar[0]
-    wi = PLAN_HEADER
-    wo = _plan_w_off(depth)
-    bo = _plan_b_off(depth)
-    ko = _plan_work(depth)
-    n0 = plan[wi]
-    n_out = plan[wi + depth]
+    n0 = _widths(plan, 0)
+    n_out = _widths(plan, depth)
     bp = padded(nb)
-    xs, xT, grad = plan[ko], plan[ko + 1], plan[ko + 2]
-    dbuf = (plan[ko + 3], plan[ko + 4])
-    zeros = plan[ko + 5]
+    xT = _ws(plan, WS_XT)
+    grad = _ws(plan, WS_GRAD)
+    zeros = (work, _ws(plan, WS_ZEROS))
 
-    # batch rows, sample-major (xs) and feature-major with zero padding (xT)
-    for b in range(nb):
-        src = idx[b] * n0
+    # batch inputs, feature-major: xT[q, b] = x[idx[b], q], zero padding
+    for b0 in range(0, bp, LANES):
         for q in range(n0):
-            work[xs + b * n0 + q] = x[src + q]
-    for q in range(n0):
-        for b in range(nb):
-            work[xT + q * bp + b] = work[xs + b * n0 + q]
-        for b in range(nb, bp):
-            work[xT + q * bp + b] = 0.0
+            _gather_lanes(
+                work, xT + q * bp + b0, x, idx, b0, n0, q, min(LANES, nb - b0)
+            )
 
-    # forward pass: zT = W aT_prev + b, aT = sigma(zT), as = aT transposed
+    # forward pass: zT = W aT_prev + b, aT = sigma(zT), a_s = aT transposed
     prev = xT
     for l in range(depth):
-        n, k = plan[wi + l + 1], plan[wi + l]
-        zT = plan[ko + 6 + 3 * l]
+        n, k = _widths(plan, l + 1), _widths(plan, l)
+        zT = _ws(plan, WS_LAYERS + WS_PER_LAYER * l)
         matmul_rows(
-            work,
-            zT,
-            bp,
+            (work, zT, bp),
+            (theta, _b_off(plan, l)),
+            (theta, _w_off(plan, l), k, 1),
+            (work, prev, bp),
             n,
             bp,
-            theta,
-            plan[bo + l],
-            theta,
-            plan[wo + l],
             k,
-            1,
-            k,
-            work,
-            prev,
-            bp,
+            None,
         )
         if l < depth - 1:
-            aT = plan[ko + 7 + 3 * l]
-            a_s = plan[ko + 8 + 3 * l]
-            for m in range(n * bp):
-                work[aT + m] = act(code, work[zT + m], slope)
+            aT = _ws(plan, WS_LAYERS + WS_PER_LAYER * l + 1)
+            a_s = _ws(plan, WS_LAYERS + WS_PER_LAYER * l + 2)
+            _activate(work, zT, aT, n * bp, code, slope)
             for b in range(nb):
                 for i in range(n):
                     work[a_s + b * n + i] = work[aT + i * bp + b]
@@ -442,72 +520,56 @@ def fused_gradient(theta, x, y, idx, nb, plan, fpar, work):
 
     # loss and error factor of the output layer
     scale = 1.0 / nb if plan[PLAN_MEAN] else 1.0
-    zL = plan[ko + 6 + 3 * (depth - 1)]
-    dT = dbuf[0]
-    value = _loss_columns(
-        work[zL:], bp, y, idx, nb, n_out, plan[PLAN_LOSS], scale, work[dT:]
-    )
+    zL = _ws(plan, WS_LAYERS + WS_PER_LAYER * (depth - 1))
+    dT = _ws(plan, WS_D0)
+    value = _loss_columns(work, zL, bp, y, idx, nb, n_out, plan[PLAN_LOSS], scale, dT)
     if not np.isfinite(value):
         return value
 
     # backward pass: weight and bias gradients, then the error one layer down
     for l in range(depth - 1, -1, -1):
-        n, k = plan[wi + l + 1], plan[wi + l]
-        a_prev = xs if l == 0 else plan[ko + 8 + 3 * (l - 1)]
-        # dL/dW = dT[:, :nb] as_prev
-        matmul_rows(
-            work,
-            grad + plan[wo + l],
-            k,
-            n,
-            k,
-            work,
-            zeros,
-            work,
-            dT,
-            bp,
-            1,
-            nb,
-            work,
-            a_prev,
-            k,
-        )
+        n, k = _widths(plan, l + 1), _widths(plan, l)
+
+        # dL/dW = dT[:, :nb] a_prev (sample-major rows; x rows for the inputs)
+        out = (work, grad + _w_off(plan, l), k)
+        if l == 0:
+            matmul_rows(out, zeros, (work, dT, bp, 1), (x, 0, n0), n, k, nb, idx)
+        else:
+            a_prev = _ws(plan, WS_LAYERS + WS_PER_LAYER * (l - 1) + 2)
+            matmul_rows(
+                out, zeros, (work, dT, bp, 1), (work, a_prev, k), n, k, nb, None
+            )
+
         # dL/db = row sums of dT
+        gb = grad + _b_off(plan, l)
         for i in range(n):
             s = 0.0
             for b in range(nb):
                 s += work[dT + i * bp + b]
-            work[grad + plan[bo + l] + i] = s
+            work[gb + i] = s
+
+        # dT_prev = (W^T dT) * sigma'(zT_prev)
         if l > 0:
-            # dT_prev = (W^T dT) * sigma'(zT_prev)
-            nxt = dbuf[(depth - l) % 2]
-            zp = plan[ko + 6 + 3 * (l - 1)]
+            nxt = _ws(plan, WS_D1 if (depth - l) % 2 == 1 else WS_D0)
+            zp = _ws(plan, WS_LAYERS + WS_PER_LAYER * (l - 1))
             matmul_rows(
-                work,
-                nxt,
-                bp,
-                k,
-                bp,
-                work,
+                (work, nxt, bp),
                 zeros,
-                theta,
-                plan[wo + l],
-                1,
+                (theta, _w_off(plan, l), 1, k),
+                (work, dT, bp),
                 k,
-                n,
-                work,
-                dT,
                 bp,
+                n,
+                None,
             )
-            for m in range(k * bp):
-                work[nxt + m] *= dact(code, work[zp + m], slope)
+            _derivative(work, nxt, zp, k * bp, code, slope)
             dT = nxt
     return value
 
 
 def gradient_offset(plan):
     """Where :func:`fused_gradient` leaves the gradient in its workspace."""
-    return int(plan[_plan_work(int(plan[PLAN_DEPTH])) + 2])
+    return int(_ws(plan, WS_GRAD))
 
 
 # -- elementwise kernels of the BLAS step ----------------------------------------
@@ -618,7 +680,7 @@ def update(theta, new, grad, n, kind, rate):
 
 def _c_fused_gradient(theta_p, x_p, y_p, idx_p, nb, plan_p, fpar_p, work_p):
     depth = carray(plan_p, (PLAN_HEADER,))[PLAN_DEPTH]
-    plan = carray(plan_p, (_plan_work(depth) + 6 + 3 * depth,))
+    plan = carray(plan_p, (plan_length(depth),))
     n_samples = plan[PLAN_N_SAMPLES]
     theta = carray(theta_p, (plan[PLAN_N_PARAMS],))
     x = carray(x_p, (n_samples * plan[PLAN_HEADER],))
