@@ -41,6 +41,10 @@ JIT = {"nogil": True, "cache": True, "fastmath": FASTMATH}
 #: Options of the parallel kernels (``prange`` loops over samples or tiles).
 JIT_PARALLEL = dict(JIT, parallel=True)
 
+#: Options of small helpers inlined into their caller at Numba's level (the
+#: register tiles of the training step), so that no call boundary remains.
+JIT_INLINE = dict(JIT, inline="always")
+
 #: Options of the CUDA kernels (``numba.cuda.jit``); kernels built per tile
 #: configuration at run time are not cached on disk.
 CUDA_JIT = {"fastmath": FASTMATH}
