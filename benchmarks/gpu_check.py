@@ -654,6 +654,18 @@ def _jax_recipe(net, params, x, platform="gpu"):
 # -- main ----------------------------------------------------------------------------
 
 
+def _section(report, name, default, fn, *args):
+    # Run one timing section; an exception is reported and the run goes on.
+    try:
+        return fn(*args)
+    except Exception as exc:  # report and go on
+        report.failed.append(f"{name}: {exc!r}")
+        report.add(
+            name, "section stopped", note=f"FAILED {type(exc).__name__}: {exc}"[:120]
+        )
+        return default
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -702,11 +714,17 @@ def main(argv=None):
         print("checks against the CPU float64 result:")
         check_paths(report, size, blas_list)
     print("timings:")
-    ceiling = ceilings(report, size, repeats, blas_list)
-    ours = ntk_timings(report, size, repeats, ceiling, blas_list)
-    train_timings(report, size)
+    ceiling = _section(
+        report, "ceiling", {}, ceilings, report, size, repeats, blas_list
+    )
+    ours = _section(
+        report, "ntk", {}, ntk_timings, report, size, repeats, ceiling, blas_list
+    )
+    _section(report, "train", None, train_timings, report, size)
     if not opts.simulate_tiny:
-        framework_timings(report, size, repeats, ours)
+        _section(
+            report, "compare", None, framework_timings, report, size, repeats, ours
+        )
 
     print()
     seconds = time.perf_counter() - report.start
