@@ -145,6 +145,9 @@ def main(argv=None) -> int:
             given["out"] = ns.out
         settings = config.resolve(ns.command, given, ns.config)
         settings.update(quiet=ns.quiet, verbose=ns.verbose, config=ns.config)
+        if settings.get("threads", 0) is None:
+            settings["threads"] = config.auto_threads()
+            logger.debug("--threads auto: %d", settings["threads"])
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return _commands()[ns.command](settings)

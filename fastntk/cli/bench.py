@@ -177,14 +177,15 @@ def _row(task, fast, ref, first, err):
     }
 
 
-def format_table(rows, dtype, widths) -> str:
+def format_table(rows, dtype, widths, threads=None) -> str:
     """The measurements as a fixed-width text table."""
     head = (
         f"{'task':<24} {'fastntk':>10} {'reference':>10} {'speed-up':>9} "
         f"{'1st call':>9} {'max rel err':>12}"
     )
     lines = [
-        f"fastntk bench: MLP {widths} relu, {dtype}, median times",
+        f"fastntk bench: MLP {widths} relu, {dtype}, "
+        f"{'default' if threads is None else threads} thread(s), median times",
         head,
         "-" * len(head),
     ]
@@ -225,7 +226,7 @@ def command(cfg) -> int:
             steps=cfg["steps"],
         )
     widths = [N_IN, *cfg["hidden"], N_OUT]
-    print(format_table(rows, cfg["dtype"], widths))
+    print(format_table(rows, cfg["dtype"], widths, cfg["threads"]))
     if cfg["out"] is not None:
         from fastntk.cli.report import versions, write_json
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -203,7 +204,8 @@ OPTIONS = (
         None,
         _optional(_integer(1)),
         ALL,
-        "threads for numba and BLAS (default: all)",
+        "threads for numba and BLAS; auto: the cores left idle by the 1-minute "
+        "load average (all cores on an idle machine, at least one)",
         metavar="N",
     ),
     # data
@@ -444,6 +446,25 @@ OUT_DEFAULTS = {"run": "fastntk-report", "ntk": "ntk.npy", "bench": None}
 
 #: Defaults that differ from an option's own for one command.
 COMMAND_DEFAULTS = {"bench": {"hidden": [128, 128], "steps": 10}}
+
+
+def auto_threads() -> int:
+    """Threads for ``--threads auto``: the cores that the load leaves idle.
+
+    Multi-threaded BLAS and numba loops synchronize their threads at every
+    step; on cores already busy with other processes each synchronization
+    waits for a descheduled thread, and a two-thread run can be several times
+    slower than a one-thread run.  So the default takes the cores minus the
+    whole part of the 1-minute load average, at least one.
+    """
+    from fastntk._config import max_threads
+
+    cores = max_threads()
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return cores
+    return max(1, min(cores, cores - int(load)))
 
 
 def options_for(command):

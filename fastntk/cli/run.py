@@ -403,6 +403,7 @@ def _train(cfg, net, params0, ds, loss, rates, lr, show_progress):
             test=(ds.x_test, ds.y_test),
             record_every=cfg["record_every"],
             observables=_accuracy_observables(net, ds),
+            threads=cfg["threads"],
             ntk_every=drift_every,
             ntk_samples=drift_samples,
             callback=callback,
