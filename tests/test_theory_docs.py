@@ -22,3 +22,21 @@ def test_theory_page_shows_the_example_table():
     text = DOC.read_text()
     assert "Residual order (fitted over eta, eta/2, eta/4)" in text
     assert "Kernel regime:" in text
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+
+    for name in (
+        "activations",
+        "ensemble",
+        "infinite",
+        "linearized",
+        "predict",
+        "taylor",
+    ):
+        module = importlib.import_module(f"fastntk.theory.{name}")
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, f"fastntk.theory.{name}: {result}"
+        assert result.attempted > 0, f"fastntk.theory.{name} has no example"

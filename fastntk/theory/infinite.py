@@ -334,18 +334,18 @@ def gaussian_expectations(
     """
     code = code_of(activation)
     method, points = _check_method(activation, method, points)
-    kaa, kbb, kab = np.broadcast_arrays(
-        *(
-            as_array(name, np.asarray(v, dtype=np.float64))
-            for name, v in (("kaa", kaa), ("kbb", kbb), ("kab", kab))
-        )
-    )
-    if np.any(kaa < 0) or np.any(kbb < 0):
-        raise ValueError("kaa, kbb: expected variances >= 0, received a negative one")
-    shape = kaa.shape
-    flat = [
-        np.ascontiguousarray(v, dtype=np.float64).reshape(-1) for v in (kaa, kbb, kab)
+    # validate, then broadcast the three arrays to one shape (0-d included)
+    arrays = [
+        np.asarray(as_array(name, np.asarray(v, dtype=np.float64)))
+        for name, v in (("kaa", kaa), ("kbb", kbb), ("kab", kab))
     ]
+    shape = np.broadcast_shapes(*(np.shape(v) for v in (kaa, kbb, kab)))
+    flat = [
+        np.ascontiguousarray(np.broadcast_to(v.reshape(np.shape(u)), shape)).reshape(-1)
+        for v, u in zip(arrays, (kaa, kbb, kab))
+    ]
+    if np.any(flat[0] < 0) or np.any(flat[1] < 0):
+        raise ValueError("kaa, kbb: expected variances >= 0, received a negative one")
     ss, dd = _expectations(
         NAMES[code], code, float(slope), *flat, method, points, threads
     )
