@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         for opt in config.options_for(command):
             default = config.default_of(command, opt)
-            default_text = "auto" if default is None else default
+            word = getattr(opt.parse, "word", "auto")
+            default_text = word if default is None else default
             if isinstance(default_text, list):
                 default_text = ",".join(map(str, default_text))
             help_text = f"{opt.help} (default: {default_text})"
@@ -95,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help=help_text,
                 )
             else:
+                choices = getattr(opt.parse, "choices", None)
+                metavar = "{" + ",".join(choices) + "}" if choices else "X"
                 p.add_argument(
                     opt.flag,
                     dest=opt.name,
-                    metavar=opt.metavar or "VALUE",
+                    metavar=opt.metavar or metavar,
                     default=argparse.SUPPRESS,
                     help=help_text,
                 )

@@ -88,6 +88,7 @@ def _optional(inner, word="auto"):
         return inner(name, value)
 
     parse.kind = f"{word} or {inner.kind}"
+    parse.word = word
     return parse
 
 
@@ -100,6 +101,7 @@ def _choice(*choices):
         return value
 
     parse.kind = "one of " + ", ".join(choices)
+    parse.choices = choices
     return parse
 
 
@@ -296,7 +298,7 @@ OPTIONS = (
         "sum",
         _choice("sum", "mean"),
         ("run",),
-        "sum (default) or mean of the per-sample losses",
+        "sum or mean of the per-sample losses",
     ),
     Option(
         "lr",
@@ -307,7 +309,7 @@ OPTIONS = (
         "training set (scaled by the loss's reduction)",
         metavar="LR",
     ),
-    Option("steps", 400, _integer(1), ("run", "bench"), "training steps", metavar="T"),
+    Option("steps", 1000, _integer(1), ("run", "bench"), "training steps", metavar="T"),
     Option(
         "batch_size",
         None,
@@ -318,7 +320,7 @@ OPTIONS = (
     ),
     Option(
         "record_every",
-        20,
+        25,
         _integer(1),
         ("run",),
         "record losses every this many steps",
