@@ -205,7 +205,7 @@ def _ms(seconds):
 def checkout_benchmarks() -> Path | None:
     """The ``benchmarks`` folder of a source checkout, when fastntk runs from one."""
     folder = Path(fastntk.__file__).resolve().parent.parent / "benchmarks"
-    return folder if (folder / "compare_ntk.py").is_file() else None
+    return folder if any((folder / s).is_file() for s in SCRIPTS) else None
 
 
 def command(cfg) -> int:
