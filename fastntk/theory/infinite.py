@@ -33,13 +33,13 @@ The two Gaussian expectations are computed in one of three ways (``method``):
   is 2e-19), split into panels that start at the point where the activation's
   argument crosses 0 (where relu has its kink and smooth activations change
   fastest) and grow geometrically from the activation's length scale, in
-  xi-units 1 / sqrt(K), up to width 3.  Each panel gets ``points`` Gauss-Legendre
+  xi-units 1 / sqrt(K), up to width 4.5.  Each panel gets ``points`` Gauss-Legendre
   nodes.  Kinks fall on panel edges, so piecewise-smooth activations integrate
   as accurately as smooth ones, and the grading keeps the accuracy when K is
   large and sigma is steep on the Gaussian's scale.  Measured against the
   closed forms (relu, its derivative, erf, its derivative) for variances from
-  1e-4 to 1e4 and correlations up to 1: largest relative error about 5e-11 with
-  the default 12 points per panel, about 1e-14 with 16.  Cost: roughly 1e4
+  1e-4 to 1e4 and correlations up to 1: largest relative error about 4e-11 with
+  the default 12 points per panel, about 2e-14 with 16.  Cost: roughly 1e4
   activation evaluations per sample pair and layer at 12 points.
 - ``"hermite"``: the tensor-product Gauss-Hermite rule with ``points`` nodes per
   dimension (default 64).  Accurate while sqrt(K) is of order one and sigma
@@ -79,7 +79,7 @@ DEFAULT_POINTS = {"quadrature": 12, "hermite": 64}
 # panel, growth factor of the panels, narrowest feature resolved, and the widest
 # panel of an oscillating activation (sin) in units of its period scale.
 _HALF_WIDTH = 9.0
-_WIDEST = 3.0
+_WIDEST = 4.5
 _GROWTH = 3.0
 _NARROWEST = 1e-9
 _PERIOD_PANEL = 3.0
