@@ -128,11 +128,35 @@ def test_run_numbers_are_consistent(tiny_report):
     # the automatic learning rate is 1 / largest eigenvalue
     with np.load(tiny_report / "arrays.npz") as arrays:
         lam_max = arrays["eigenvalues"].max()
-    assert report["lr"]["value"] == pytest.approx(1.0 / lam_max, rel=1e-12)
+    assert report["lr"]["value"] == pytest.approx(1.0 / lam_max, rel=1e-9)
     assert report["ntk"]["eigenvalue_max"] == pytest.approx(lam_max, rel=1e-12)
 
     # the summary line is in the report
     assert report["summary"].startswith("fastntk run: digits, MLP [64, 8, 8, 10]")
+
+
+def test_run_without_eigendecomposition(tmp_path, monkeypatch):
+    # Kernels above the size limit: no spectrum and no linearized model, the
+    # learning rate from the largest eigenvalue alone, the other plots drawn.
+    pytest.importorskip("matplotlib")
+    import fastntk.cli.run
+
+    monkeypatch.setattr(fastntk.cli.run, "MAX_EIGEN_ROWS", 50)
+    out = tmp_path / "big"
+    assert main(["run", *TINY_RUN, "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert not report["linearized"]["available"]
+    assert "too large" in report["linearized"]["reason"]
+    assert "eigenvalue_max" not in report["ntk"]
+    assert sorted(report["files"]["plots"]) == sorted(
+        PLOTS[k] for k in ("loss", "one_step", "heatmap", "drift")
+    )
+
+    # the same learning rate as with the full spectrum
+    small = tmp_path / "small"
+    assert main(["run", *TINY_RUN, "--out", str(small), "--no-plots", "-q"]) == 0
+    full = json.loads((small / "report.json").read_text())
+    assert report["lr"]["value"] == pytest.approx(full["lr"]["value"], rel=1e-9)
 
 
 def test_run_one_step_prediction_is_first_order(tmp_path):

@@ -13,8 +13,9 @@ The job, step by step:
    divide it by about four), also with the second- and third-order terms;
 5. training: gradient descent (or SGD) with train/test losses, accuracies, and
    snapshots of the kernel to measure its relative drift;
-6. linearized model (MSE with full-batch descent): the outputs of gradient
-   descent with the kernel frozen at initialization, on the same steps;
+6. linearized model (MSE with full-batch descent,
+   :class:`fastntk.theory.Linearized`): the outputs of gradient descent with the
+   kernel frozen at initialization, on the same steps;
 7. the report: ``report.json``, ``arrays.npz`` and PNG plots.
 """
 
@@ -186,23 +187,44 @@ def run_job(cfg, *, show_progress=False) -> dict:
             net, params0, ds.x_test, ds.x_train, rates=rates, threads=cfg["threads"]
         )
     P = ds.x_train.shape[0]
+    scale = loss.scale(P)
     H_mat = _as_matrix(H_AA)
-    with timer("spectrum"):
-        eig, V = _eigen(H_mat)
-    H_trace = np.einsum("abii->ab", H_AA)
-    report["ntk"] = _kernel_stats(H_AA, H_trace, eig)
-    arrays["ntk_trace"] = H_trace
-    arrays["eigenvalues"] = eig if eig is not None else np.zeros(0)
+    linearizable = cfg["loss"] == "mse" and cfg["batch_size"] is None
+    small = H_mat.shape[0] <= MAX_EIGEN_ROWS
 
     # learning rate: 1 / largest eigenvalue of the kernel under the loss's scale
-    scale = loss.scale(P)
     if cfg["lr"] is None:
-        lam_max = float(eig[-1]) if eig is not None else _power_max(H_mat)
-        lr = 1.0 / (lam_max * scale)
+        lr = 1.0 / (_largest_eigenvalue(H_mat) * scale)
         lr_source = "auto: 1 / (largest NTK eigenvalue x loss scale)"
     else:
         lr, lr_source = cfg["lr"], "given"
     report["lr"] = {"value": lr, "source": lr_source, "loss_scale": scale}
+
+    # the linearized model (fastntk.theory.Linearized) diagonalizes the kernel;
+    # its eigenvalues are the spectrum, else the spectrum is computed here
+    lin = None
+    with timer("spectrum"):
+        if linearizable and small:
+            from fastntk.theory import Linearized
+
+            lin = Linearized(
+                net,
+                params0,
+                ds.x_train,
+                ds.y_train,
+                lr=lr,
+                loss=loss,
+                rates=rates,
+                x_test=ds.x_test,
+                threads=cfg["threads"],
+            )
+            eig = lin.eigenvalues / scale
+        else:
+            eig = _eigenvalues(H_mat) if small else None
+    H_trace = np.einsum("abii->ab", H_AA)
+    report["ntk"] = _kernel_stats(H_AA, H_trace, eig)
+    arrays["ntk_trace"] = H_trace
+    arrays["eigenvalues"] = eig if eig is not None else np.zeros(0)
 
     # 4. one step predicted through the kernel vs the actual step
     with timer("one_step"):
@@ -226,9 +248,7 @@ def run_job(cfg, *, show_progress=False) -> dict:
 
     # 6. the linearized model on the same steps
     with timer("linearized"):
-        lin_report, lin_arrays = _linearized(
-            cfg, net, params0, ds, loss, lr, (eig, V), H_BA, history.step
-        )
+        lin_report, lin_arrays = _linearized(cfg, lin, ds, loss, history.step, small)
     report["linearized"] = lin_report
     arrays.update(lin_arrays)
 
@@ -249,30 +269,26 @@ def _as_matrix(H):
     return np.ascontiguousarray(H.transpose(0, 2, 1, 3)).reshape(P1 * k, P2 * k)
 
 
-def _eigen(H_mat):
-    # Ascending eigenvalues and eigenvectors of the kernel matrix, if small enough.
-    # One BLAS thread: the reduction to tridiagonal form gains little from more,
-    # and loses several times over when the cores are shared with other work.
+def _eigenvalues(H_mat):
+    # Ascending eigenvalues of the kernel matrix.  One BLAS thread: the
+    # reduction to tridiagonal form gains little from more, and loses several
+    # times over when the cores are shared with other work.
     from threadpoolctl import threadpool_limits
 
-    if H_mat.shape[0] > MAX_EIGEN_ROWS:
-        logger.info("kernel of %d rows: spectrum skipped", H_mat.shape[0])
-        return None, None
     with threadpool_limits(limits=1, user_api="blas"):
-        return np.linalg.eigh(H_mat.astype(np.float64))
+        return np.linalg.eigvalsh(H_mat.astype(np.float64))
 
 
-def _power_max(H_mat, iterations=100):
-    # Largest eigenvalue by power iteration, for kernels too large to diagonalize.
-    v = np.ones(H_mat.shape[0])
-    value = 0.0
-    for _ in range(iterations):
-        w = H_mat @ v
-        value = float(np.linalg.norm(w))
-        if value == 0.0:
-            return 1.0
-        v = w / value
-    return value
+def _largest_eigenvalue(H_mat):
+    # Largest eigenvalue of the symmetric PSD kernel matrix, by Lanczos.
+    from scipy.sparse.linalg import eigsh
+
+    if H_mat.shape[0] <= 2:
+        return float(np.linalg.eigvalsh(H_mat.astype(np.float64))[-1])
+    value = eigsh(
+        H_mat.astype(np.float64), k=1, which="LA", tol=0, return_eigenvectors=False
+    )
+    return float(value[0])
 
 
 def _kernel_stats(H, H_trace, eig):
@@ -436,48 +452,31 @@ def _train(cfg, net, params0, ds, loss, rates, lr, show_progress):
     return trained, history, info
 
 
-def _linearized(cfg, net, params0, ds, loss, lr, eigen, H_BA, steps):
-    """Outputs of gradient descent with the kernel frozen at initialization.
+def _linearized(cfg, lin, ds, loss, steps, small):
+    """Losses (and accuracies) of the frozen-kernel model on the recorded steps.
 
-    On the training set z(t) = y + (I - lr s H)^t (z(0) - y) with s the loss's
-    scale; on the test set z_B(t) = z_B(0) - lr s H_BA sum_{u<t} (z(u) - y).
-    Both through the eigendecomposition of H, so any t costs one product.
+    ``lin`` is a :class:`fastntk.theory.Linearized`: gradient descent on the
+    squared error with the kernel frozen at initialization, solved through the
+    kernel's eigendecomposition, on the training inputs and, through the cross
+    kernel, on the test inputs.
     """
-    if cfg["loss"] != "mse" or cfg["batch_size"] is not None:
-        reason = "needs --loss mse and full-batch gradient descent"
+    if lin is None:
+        reason = (
+            "needs --loss mse and full-batch gradient descent"
+            if cfg["loss"] != "mse" or cfg["batch_size"] is not None
+            else f"kernel too large to diagonalize (more than {MAX_EIGEN_ROWS} rows)"
+        )
         return {"available": False, "reason": reason}, {}
-    lam, V = eigen
-    if lam is None:
-        return {"available": False, "reason": "kernel too large to diagonalize"}, {}
-
-    # eigenbasis of the training kernel and the initial residual in it
-    P, k = ds.y_train.shape
-    s = loss.scale(P)
-    lam = np.clip(lam, 0.0, None)
-    z0_tr = net.apply(params0, ds.x_train).astype(np.float64)
-    z0_te = net.apply(params0, ds.x_test).astype(np.float64)
+    traj = lin.trajectory(np.asarray(steps, dtype=np.int64))
     y_tr = ds.y_train.astype(np.float64)
-    c = V.T @ (z0_tr - y_tr).ravel()
-    H_ba = _as_matrix(H_BA).astype(np.float64)
-    decay = 1.0 - lr * s * lam
-
-    # z(t) on the training set and the summed residuals that drive the test set
-    train_loss, test_loss, train_acc, test_acc = [], [], [], []
-    for t in np.asarray(steps, dtype=np.int64):
-        pw = decay**t
-        z_tr = y_tr + (V @ (pw * c)).reshape(P, k)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            summed = np.where(lr * s * lam > 0, (1.0 - pw) / (lr * s * lam), float(t))
-        z_te = z0_te - lr * s * (H_ba @ (V @ (summed * c))).reshape(-1, k)
-        train_loss.append(loss.value(z_tr, y_tr))
-        test_loss.append(loss.value(z_te, ds.y_test.astype(np.float64)))
-        if ds.labels_train is not None:
-            train_acc.append(float(np.mean(z_tr.argmax(1) == ds.labels_train)))
-            test_acc.append(float(np.mean(z_te.argmax(1) == ds.labels_test)))
+    y_te = ds.y_test.astype(np.float64)
+    train_loss = [loss.value(z, y_tr) for z in traj.train]
+    test_loss = [loss.value(z, y_te) for z in traj.test]
 
     report = {
         "available": True,
-        "source": "eigendecomposition of the NTK at initialization",
+        "source": "fastntk.theory.Linearized (eigendecomposition of the NTK at "
+        "initialization)",
         "train_loss_final": float(train_loss[-1]),
         "test_loss_final": float(test_loss[-1]),
         "history": {"train_loss": train_loss, "test_loss": test_loss},
@@ -486,7 +485,9 @@ def _linearized(cfg, net, params0, ds, loss, lr, eigen, H_BA, steps):
         "lin_train_loss": np.asarray(train_loss),
         "lin_test_loss": np.asarray(test_loss),
     }
-    if train_acc:
+    if ds.labels_train is not None:
+        train_acc = [float(np.mean(z.argmax(1) == ds.labels_train)) for z in traj.train]
+        test_acc = [float(np.mean(z.argmax(1) == ds.labels_test)) for z in traj.test]
         report["history"].update(train_accuracy=train_acc, test_accuracy=test_acc)
         report["test_accuracy_final"] = test_acc[-1]
         arrays["lin_test_accuracy"] = np.asarray(test_acc)
