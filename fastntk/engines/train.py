@@ -56,8 +56,9 @@ KERNELS = ("auto", "fused", "blas")
 FUSED_MAX_WIDTH = 128
 FUSED_MAX_WORK = 1 << 18
 
-#: Rows per block of the BLAS kernel (bounds its buffers for large batches).
-BLAS_BLOCK = 2048
+#: Rows per block of the BLAS kernel within one thread's range of samples
+#: (bounds its buffers for large batches).
+BLAS_BLOCK = 4096
 
 #: Sample indices handed to the step loop at once (bounds the index arrays).
 MAX_CHUNK_SAMPLES = 1 << 22
@@ -822,9 +823,14 @@ class _Stepper:
     """The compiled step loop for one run: plan, buffers and kernel addresses.
 
     ``buffers`` are the two parameter vectors the steps alternate between.
+    The BLAS kernel cuts each batch into one range of samples per thread
+    (numba's thread count, set by ``threads``) and runs single-threaded BLAS
+    inside each range.
     """
 
     def __init__(self, a: _TrainArgs, kernel: str):
+        import numba
+
         from fastntk.engines import _loop
 
         net = a.net
@@ -832,8 +838,8 @@ class _Stepper:
         n = net.n_params
         P = a.x.shape[0]
         batch = P if a.batch_size is None else a.batch_size
-        kind, self.rate = _update_operator(a)
-        self.rate = self.rate.reshape(-1)
+        kind, rate = _update_operator(a)
+        self.rate = rate.reshape(-1)
         self.kernel = _choose_kernel(a, kernel)
         self.plan, work_size = cpu_step.make_plan(
             net.widths,
@@ -843,67 +849,56 @@ class _Stepper:
             kind,
             P,
             batch,
+            kernel=self.kernel,
+            parts=numba.get_num_threads(),
+            block=BLAS_BLOCK,
+            gather=a.batch_size is not None,
         )
-        self.addresses = cpu_step.addresses(dtype)
+        grad = cpu_step.gradient_offset(self.plan)
+        addresses = cpu_step.addresses(dtype)
+        self.gradient = addresses[self.kernel]
+        self.update = addresses["update"]
         self.fpar = np.array([net.slope], dtype=np.float64)
         self.x = a.x.reshape(-1)
         self.y = a.y.reshape(-1)
+        self.all_rows = np.arange(P, dtype=np.int64)
         self.loop = _loop
 
         # parameter buffers and gradient a quarter of a page apart (mod 4 KiB)
-        if self.kernel == "fused":
-            self.grad_offset = cpu_step.gradient_offset(self.plan)
-            theta_a, theta_b, self.work = _staggered(
-                dtype, [(n, 0, 0), (n, 2048, 0), (work_size, 1024, self.grad_offset)]
-            )
-            self.all_rows = np.arange(P, dtype=np.int64)
-        else:
-            self.block = min(batch, BLAS_BLOCK)
-            size = _loop.blas_buffer_size(self.plan, self.block)
-            theta_a, theta_b, self.grad, self.buf = _staggered(
-                dtype, [(n, 0, 0), (n, 2048, 0), (n, 1024, 0), (size, 3072, 0)]
-            )
-            self.no_rows = np.zeros(0, dtype=np.int64)
+        theta_a, theta_b, self.work = _staggered(
+            dtype, [(n, 0, 0), (n, 2048, 0), (work_size, 1024, grad)]
+        )
         self.buffers = [theta_a, theta_b]
 
     def run(self, cur, nxt, order, starts, sizes):
         """Run the steps described by (order, starts, sizes) from ``cur``.
 
         Returns (done, last_loss, bad_loss, swapped), see
-        :mod:`fastntk.engines._loop`.
+        :func:`fastntk.engines._loop.run_steps`.
         """
-        if self.kernel == "fused":
-            return self.loop.run_fused(
-                self.addresses,
-                cur,
-                nxt,
-                self.x,
-                self.y,
-                self.all_rows if order is None else order,
-                starts,
-                sizes,
-                self.plan,
-                self.fpar,
-                self.rate,
-                self.work,
-                self.grad_offset,
-            )
-        return self.loop.run_blas(
-            self.addresses,
+        order = self.all_rows if order is None else order
+        args = (
+            self.gradient,
+            self.update,
             cur,
             nxt,
             self.x,
             self.y,
-            self.no_rows if order is None else order,
+            order,
             starts,
             sizes,
             self.plan,
             self.fpar,
             self.rate,
-            self.grad,
-            self.buf,
-            self.block,
+            self.work,
         )
+        if self.kernel == "fused":
+            return self.loop.run_steps(*args)
+        from threadpoolctl import threadpool_limits
+
+        # BLAS runs single-threaded inside each thread's range of samples
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self.loop.run_steps(*args)
 
 
 # -- evaluation on recorded steps ------------------------------------------------

@@ -2,29 +2,30 @@
 
 The training loop (:mod:`fastntk.engines._loop`) runs in Cython without the GIL
 and calls the kernels of this module through their C addresses (Numba
-``@cfunc``), which costs a few nanoseconds per call.  Two families:
+``@cfunc``), which costs a few nanoseconds per call.  Each step is two calls:
+a *gradient kernel* (forward pass, loss, backward pass of one batch; it
+returns the loss and leaves dL/dtheta in its workspace) and :func:`update`
+(theta - lr lambda dL/dtheta into the other parameter buffer).  Two gradient
+kernels:
 
-- **Fused step** (:func:`fused_step`): forward pass, loss, backward pass and
-  update of one mini-batch in one call, on hand-tiled loops without BLAS and
-  without allocation.  It wins for small widths and batches, where a BLAS call
-  costs more than its arithmetic.
-- **Elementwise kernels** of the BLAS step, which the Cython loop interleaves
-  with its direct BLAS calls: bias and activation, loss and error factor,
-  column sums (bias gradients), the activation derivative, the update.
-
-The fused step keeps activations *feature-major* (one row per unit, one column
-per sample of the batch, the batch padded with zero columns to a multiple of
-:data:`LANES`), so that every product is a sum of rank-one updates of rows of
-``LANES`` contiguous entries.  Those run on an explicit SIMD tile: four rows of
-``LANES`` accumulators held in vector registers (see :func:`_tile4`), written
-with LLVM vector intrinsics because Numba's automatic vectorization leaves such
-short loops scalar.  Vectors of ``LANES`` elements are legal on every CPU LLVM
-targets (they are split into narrower registers where needed), so the kernels
-stay portable.
+- :func:`fused_gradient`: hand-tiled loops without BLAS and without
+  allocation, for narrow networks and small batches, where a BLAS call costs
+  more than its arithmetic.  Activations are *feature-major* (one row per unit,
+  one column per sample, the batch padded with zero columns to a multiple of
+  :data:`LANES`), so that every product is a sum of rank-one updates of rows of
+  ``LANES`` contiguous entries.  Those run on an explicit SIMD tile, four rows
+  of ``LANES`` accumulators held in vector registers (see :func:`_tile4`),
+  written with LLVM vector intrinsics because Numba's automatic vectorization
+  leaves such short loops scalar.  Vectors of ``LANES`` entries are legal on
+  every CPU LLVM targets (split into narrower registers where needed).
+- :func:`blas_gradient`: BLAS matrix products and fused elementwise loops, for
+  wide layers and large batches.  The batch is cut into one range of samples
+  per thread; each range runs single-threaded BLAS, and the ranges' gradients
+  are summed in a fixed order (deterministic for a given thread count).
 
 Every kernel receives the description of the step in a *plan*: an int64 array
 built by :func:`make_plan` (depth, activation, loss, reduction, update kind,
-widths, parameter offsets, workspace offsets).  Inputs are assumed validated:
+widths, parameter offsets, workspace layout).  Inputs are assumed validated:
 C-contiguous, one floating dtype, finite.
 """
 
@@ -32,11 +33,11 @@ from __future__ import annotations
 
 import llvmlite.ir as llir
 import numpy as np
-from numba import carray, cfunc, njit, types
+from numba import carray, cfunc, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fastntk._config import JIT, JIT_INLINE
+from fastntk._config import JIT, JIT_INLINE, JIT_PARALLEL
 from fastntk.kernels.activations import RELU, act, dact
 from fastntk.kernels.cpu import MSE
 
@@ -52,7 +53,7 @@ UPDATE_SCALAR, UPDATE_DIAGONAL, UPDATE_DENSE = 0, 1, 2
 
 # -- plan layout -----------------------------------------------------------------
 # Header entries of a plan; widths [n_0..n_L], weight offsets, bias offsets and
-# the workspace offsets of the fused step follow.
+# the offsets of the kernel's workspace follow.
 PLAN_DEPTH = 0
 PLAN_ACTIVATION = 1
 PLAN_LOSS = 2
@@ -61,21 +62,32 @@ PLAN_UPDATE = 4
 PLAN_N_PARAMS = 5
 PLAN_N_SAMPLES = 6
 PLAN_BATCH = 7
-PLAN_WORK = 8  # workspace length of the fused step
-PLAN_HEADER = 9
+PLAN_WORK = 8  # workspace length
+PLAN_GRAD = 9  # where the gradient is left in the workspace
+PLAN_PARTS = 10  # BLAS kernel: sample ranges computed in parallel
+PLAN_BLOCK = 11  # BLAS kernel: rows per block within a range
+PLAN_GATHER = 12  # BLAS kernel: 1 when batches are gathered rows, 0 for all rows
+PLAN_HEADER = 13
 
-# Workspace blocks of the fused step: the batch inputs (feature-major), the
+# Workspace blocks of the fused kernel: the batch inputs (feature-major), the
 # gradient, two error buffers, a block of zeros, then per layer the
 # preactivations and activations (feature-major) and the activations
 # (sample-major).
 WS_XT, WS_GRAD, WS_D0, WS_D1, WS_ZEROS, WS_LAYERS = range(6)
 WS_PER_LAYER = 3
 
+# Workspace blocks of one part of the BLAS kernel (after the gradient): the
+# gathered rows, two error buffers, the part's gradient and a scratch block for
+# weight gradients, then per layer the preactivations and activations.
+BW_X, BW_Y, BW_D0, BW_D1, BW_GRAD, BW_SCRATCH, BW_LAYERS = range(7)
+
 
 @njit(**JIT)
 def plan_length(depth):
-    """Entries of the plan of a network of ``depth`` layers."""
-    return PLAN_HEADER + 3 * depth + 1 + WS_LAYERS + WS_PER_LAYER * depth
+    """Entries of the plan of a network of ``depth`` layers (either kernel)."""
+    fused = WS_LAYERS + WS_PER_LAYER * depth
+    blas = 2 + BW_LAYERS + 2 * depth
+    return PLAN_HEADER + 3 * depth + 1 + max(fused, blas)
 
 
 @njit(**JIT)
@@ -95,7 +107,7 @@ def _b_off(plan, l):
 
 @njit(**JIT)
 def _ws(plan, block):
-    # Offset of a workspace block (WS_* or WS_LAYERS + 3 l + 0/1/2).
+    # Offset of a workspace block (the kernel's block numbering).
     return plan[PLAN_HEADER + 3 * plan[PLAN_DEPTH] + 1 + block]
 
 
@@ -105,8 +117,28 @@ def padded(n):
     return -(-n // LANES) * LANES
 
 
-def make_plan(widths, activation_code, loss_code, mean, update_kind, n_samples, batch):
-    """The int64 plan of a step, and the workspace length of the fused step.
+def _layout(sizes):
+    # Offsets of consecutive blocks, each rounded up to a multiple of LANES
+    # entries plus one vector, so that no two blocks start a multiple of 4 KiB
+    # apart (loads and stores at such distances falsely depend on each other).
+    offsets = np.cumsum([0] + [padded(s) + LANES for s in sizes])
+    return offsets[:-1].tolist(), int(offsets[-1])
+
+
+def make_plan(
+    widths,
+    activation_code,
+    loss_code,
+    mean,
+    update_kind,
+    n_samples,
+    batch,
+    kernel="fused",
+    parts=1,
+    block=None,
+    gather=True,
+):
+    """The int64 plan of a step and the length of its workspace.
 
     Parameters
     ----------
@@ -122,12 +154,21 @@ def make_plan(widths, activation_code, loss_code, mean, update_kind, n_samples, 
         Rows of the training inputs.
     batch : int
         Largest batch a step will see.
+    kernel : {"fused", "blas"}
+        The gradient kernel the workspace is laid out for.
+    parts : int
+        BLAS kernel: the batch is cut into this many ranges of samples, whose
+        gradients are computed in parallel and summed in order.
+    block : int, optional
+        BLAS kernel: rows per block within a range (default: the whole range).
+    gather : bool
+        BLAS kernel: steps use gathered rows ``x[idx]`` (False: the first rows
+        of ``x`` in order, full-batch descent without copies).
 
     Returns
     -------
     plan : ndarray of int64
     work_size : int
-        Entries of the workspace :func:`fused_gradient` needs.
     """
     widths = [int(w) for w in widths]
     depth = len(widths) - 1
@@ -139,16 +180,35 @@ def make_plan(widths, activation_code, loss_code, mean, update_kind, n_samples, 
         b_off.append(pos)
         pos += widths[l + 1]
     n_params = pos
-
-    # workspace blocks, each rounded up to a multiple of LANES entries plus one
-    # vector, so that no two blocks start a multiple of 4 KiB apart (loads
-    # and stores at such distances falsely depend on each other)
-    bp = padded(batch)
     wmax = max(widths)
-    sizes = [widths[0] * bp, n_params, wmax * bp, wmax * bp, wmax]
-    for n in widths[1:]:
-        sizes += [n * bp, n * bp, batch * n]
-    offsets = np.cumsum([0] + [padded(s) + LANES for s in sizes])
+
+    if kernel == "fused":
+        bp = padded(batch)
+        sizes = [widths[0] * bp, n_params, wmax * bp, wmax * bp, wmax]
+        for n in widths[1:]:
+            sizes += [n * bp, n * bp, batch * n]
+        offsets, size = _layout(sizes)
+        grad = offsets[WS_GRAD]
+        parts, block = 1, batch
+    else:
+        parts = max(1, min(int(parts), batch))
+        rows = -(-batch // parts)
+        block = rows if block is None else max(1, min(int(block), rows))
+        wsq = max(widths[l + 1] * widths[l] for l in range(depth))
+        sizes = [
+            block * widths[0],
+            block * widths[-1],
+            block * wmax,
+            block * wmax,
+            n_params,
+            wsq,
+        ]
+        sizes += [block * n for n in widths[1:]] * 2
+        part_offsets, part_size = _layout(sizes)
+        grad = 0
+        first = padded(n_params) + LANES
+        offsets = [first, part_size] + part_offsets
+        size = first + parts * part_size
     header = [
         depth,
         activation_code,
@@ -158,10 +218,15 @@ def make_plan(widths, activation_code, loss_code, mean, update_kind, n_samples, 
         n_params,
         n_samples,
         batch,
-        int(offsets[-1]),
+        size,
+        grad,
+        parts,
+        block,
+        int(gather),
     ]
-    plan = header + widths + w_off + b_off + offsets[:-1].tolist()
-    return np.array(plan, dtype=np.int64), int(offsets[-1])
+    plan = header + widths + w_off + b_off + offsets
+    plan += [0] * (plan_length(depth) - len(plan))
+    return np.array(plan, dtype=np.int64), size
 
 
 # -- explicit SIMD tiles ---------------------------------------------------------
@@ -484,7 +549,7 @@ def fused_gradient(theta, x, y, idx, nb, plan, fpar, work):
     n_out = _widths(plan, depth)
     bp = padded(nb)
     xT = _ws(plan, WS_XT)
-    grad = _ws(plan, WS_GRAD)
+    grad = plan[PLAN_GRAD]
     zeros = (work, _ws(plan, WS_ZEROS))
 
     # batch inputs, feature-major: xT[q, b] = x[idx[b], q], zero padding
@@ -568,11 +633,11 @@ def fused_gradient(theta, x, y, idx, nb, plan, fpar, work):
 
 
 def gradient_offset(plan):
-    """Where :func:`fused_gradient` leaves the gradient in its workspace."""
-    return int(_ws(plan, WS_GRAD))
+    """Where the gradient kernels leave the gradient in their workspace."""
+    return int(plan[PLAN_GRAD])
 
 
-# -- elementwise kernels of the BLAS step ----------------------------------------
+# -- elementwise kernels ----------------------------------------------------------
 
 
 @njit(**JIT)
@@ -672,6 +737,142 @@ def update(theta, new, grad, n, kind, rate):
             new[m] = theta[m] - new[m]
 
 
+# -- BLAS gradient ---------------------------------------------------------------
+
+
+@njit(**JIT)
+def _blas_rows(theta, xb, yb, m, plan, slope, scale, work, part, first):
+    """Loss of m rows and their gradient, added to the part's gradient.
+
+    ``scale`` is the reduction's factor (1 or one over the batch size).
+
+    ``xb`` (m, n_0) and ``yb`` (m, n_L) are the rows; matrix products go to
+    BLAS (single-threaded inside a part), elementwise work to the kernels
+    above.  ``first`` starts the part's gradient instead of adding to it.
+    """
+    depth = plan[PLAN_DEPTH]
+    code = plan[PLAN_ACTIVATION]
+    n_out = _widths(plan, depth)
+    gpart = part + _ws(plan, 2 + BW_GRAD)
+    scratch = part + _ws(plan, 2 + BW_SCRATCH)
+
+    # forward pass: z = a_prev W^T (BLAS), then bias and sigma
+    a_prev = xb
+    for l in range(depth):
+        n, k = _widths(plan, l + 1), _widths(plan, l)
+        w0, b0 = _w_off(plan, l), _b_off(plan, l)
+        W = theta[w0 : w0 + n * k].reshape((n, k))
+        zo = part + _ws(plan, 2 + BW_LAYERS + l)
+        ao = part + _ws(plan, 2 + BW_LAYERS + depth + l)
+        z = work[zo : zo + m * n].reshape((m, n))
+        np.dot(a_prev, W.T, z)
+        bias_activate(
+            work[zo:], theta[b0:], work[ao:], m, n, code, slope, l < depth - 1
+        )
+        a_prev = work[ao : ao + m * n].reshape((m, n))
+
+    # loss and error factor of the output layer
+    zL = part + _ws(plan, 2 + BW_LAYERS + depth - 1)
+    d = part + _ws(plan, 2 + BW_D0)
+    other = part + _ws(plan, 2 + BW_D1)
+    value = loss_rows(work[zL:], yb, work[d:], m, n_out, plan[PLAN_LOSS], scale)
+
+    # backward pass: dW = delta^T a_prev, db = column sums of delta,
+    # delta_prev = (delta W) * sigma'(z_prev)
+    for l in range(depth - 1, -1, -1):
+        n, k = _widths(plan, l + 1), _widths(plan, l)
+        w0, b0 = _w_off(plan, l), _b_off(plan, l)
+        delta = work[d : d + m * n].reshape((m, n))
+        if l == 0:
+            a_prev = xb
+        else:
+            ao = part + _ws(plan, 2 + BW_LAYERS + depth + l - 1)
+            a_prev = work[ao : ao + m * k].reshape((m, k))
+        gW = work[gpart + w0 : gpart + w0 + n * k]
+        if first:
+            np.dot(delta.T, a_prev, gW.reshape((n, k)))
+        else:
+            tmp = work[scratch : scratch + n * k]
+            np.dot(delta.T, a_prev, tmp.reshape((n, k)))
+            for q in range(n * k):
+                gW[q] += tmp[q]
+        column_sums(work[d:], m, n, work[gpart + b0 :], not first)
+        if l > 0:
+            W = theta[w0 : w0 + n * k].reshape((n, k))
+            np.dot(delta, W, work[other : other + m * k].reshape((m, k)))
+            zp = part + _ws(plan, 2 + BW_LAYERS + l - 1)
+            times_derivative(work[other:], work[zp:], m * k, code, slope)
+            d, other = other, d
+    return value
+
+
+@njit(**JIT_PARALLEL)
+def blas_gradient(theta, x, y, idx, nb, plan, fpar, work):
+    """Loss of the batch ``idx[:nb]`` and its gradient, on BLAS products.
+
+    The batch is cut into ``plan[PLAN_PARTS]`` consecutive ranges computed in
+    parallel (one thread each, BLAS single-threaded inside), each in blocks of
+    at most ``plan[PLAN_BLOCK]`` rows; the gradient, left in the workspace at
+    ``plan[PLAN_GRAD]``, is the sum of the ranges' gradients in range order, so
+    that the result depends on the number of parts but not on timing.  With
+    ``plan[PLAN_GATHER] == 0`` the batch is the first ``nb`` rows of ``x``.
+    """
+    depth = plan[PLAN_DEPTH]
+    n0 = _widths(plan, 0)
+    n_out = _widths(plan, depth)
+    n_params = plan[PLAN_N_PARAMS]
+    parts = min(plan[PLAN_PARTS], nb)
+    block = plan[PLAN_BLOCK]
+    stride = _ws(plan, 1)
+    gather = plan[PLAN_GATHER] != 0
+    slope = fpar[0]
+    scale = 1.0 / nb if plan[PLAN_MEAN] else 1.0
+    losses = np.zeros(parts)
+    for p in prange(parts):
+        part = _ws(plan, 0) + p * stride
+        xo = part + _ws(plan, 2 + BW_X)
+        yo = part + _ws(plan, 2 + BW_Y)
+        lo = p * nb // parts
+        hi = (p + 1) * nb // parts
+        start = lo
+        while start < hi:
+            m = min(block, hi - start)
+
+            # the block's rows: gathered, or rows of x in place
+            if gather:
+                for r in range(m):
+                    src = idx[start + r]
+                    for q in range(n0):
+                        work[xo + r * n0 + q] = x[src * n0 + q]
+                    for q in range(n_out):
+                        work[yo + r * n_out + q] = y[src * n_out + q]
+                xb = work[xo : xo + m * n0].reshape((m, n0))
+                yb = work[yo : yo + m * n_out]
+            else:
+                xb = x[start * n0 : (start + m) * n0].reshape((m, n0))
+                yb = y[start * n_out : (start + m) * n_out]
+            losses[p] += _blas_rows(
+                theta, xb, yb, m, plan, slope, scale, work, part, start == lo
+            )
+            start += m
+
+    # total loss and gradient, summed over the parts in order
+    value = 0.0
+    for p in range(parts):
+        value += losses[p]
+    if not np.isfinite(value):
+        return value
+    grad = plan[PLAN_GRAD]
+    g0 = _ws(plan, 0) + _ws(plan, 2 + BW_GRAD)
+    for q in range(n_params):
+        work[grad + q] = work[g0 + q]
+    for p in range(1, parts):
+        gp = g0 + p * stride
+        for q in range(n_params):
+            work[grad + q] += work[gp + q]
+    return value
+
+
 # -- C entry points --------------------------------------------------------------
 # Each kernel above has a C entry point taking raw pointers and sizes, compiled
 # as a cfunc once per dtype on first use; the Cython loop calls them through
@@ -691,26 +892,17 @@ def _c_fused_gradient(theta_p, x_p, y_p, idx_p, nb, plan_p, fpar_p, work_p):
     return fused_gradient(theta, x, y, idx, nb, plan, fpar, work)
 
 
-def _c_bias_activate(z_p, b_p, a_p, m, n, code, slope, hidden):
-    z = carray(z_p, (m * n,))
-    b = carray(b_p, (n,))
-    a = carray(a_p, (m * n if hidden else 0,))
-    bias_activate(z, b, a, m, n, code, slope, hidden)
-
-
-def _c_times_derivative(d_p, z_p, count, code, slope):
-    times_derivative(carray(d_p, (count,)), carray(z_p, (count,)), count, code, slope)
-
-
-def _c_loss_rows(z_p, y_p, eps_p, m, n, loss, scale):
-    z = carray(z_p, (m * n,))
-    y = carray(y_p, (m * n,))
-    eps = carray(eps_p, (m * n,))
-    return loss_rows(z, y, eps, m, n, loss, scale)
-
-
-def _c_column_sums(d_p, m, n, out_p, accumulate):
-    column_sums(carray(d_p, (m * n,)), m, n, carray(out_p, (n,)), accumulate)
+def _c_blas_gradient(theta_p, x_p, y_p, idx_p, nb, plan_p, fpar_p, work_p):
+    depth = carray(plan_p, (PLAN_HEADER,))[PLAN_DEPTH]
+    plan = carray(plan_p, (plan_length(depth),))
+    n_samples = plan[PLAN_N_SAMPLES]
+    theta = carray(theta_p, (plan[PLAN_N_PARAMS],))
+    x = carray(x_p, (n_samples * plan[PLAN_HEADER],))
+    y = carray(y_p, (n_samples * plan[PLAN_HEADER + depth],))
+    idx = carray(idx_p, (nb,))
+    fpar = carray(fpar_p, (1,))
+    work = carray(work_p, (plan[PLAN_WORK],))
+    return blas_gradient(theta, x, y, idx, nb, plan, fpar, work)
 
 
 def _c_update(theta_p, new_p, grad_p, n, kind, rate_p, n_rate):
@@ -730,18 +922,10 @@ def _signatures(T):
     iptr = types.CPointer(types.int64)
     dptr = types.CPointer(types.float64)
     i64, f64, void = types.int64, types.float64, types.void
+    gradient = f64(ptr, ptr, ptr, iptr, i64, iptr, dptr, ptr)
     return {
-        "fused_gradient": (
-            _c_fused_gradient,
-            f64(ptr, ptr, ptr, iptr, i64, iptr, dptr, ptr),
-        ),
-        "bias_activate": (
-            _c_bias_activate,
-            void(ptr, ptr, ptr, i64, i64, i64, f64, i64),
-        ),
-        "times_derivative": (_c_times_derivative, void(ptr, ptr, i64, i64, f64)),
-        "loss_rows": (_c_loss_rows, f64(ptr, ptr, ptr, i64, i64, i64, f64)),
-        "column_sums": (_c_column_sums, void(ptr, i64, i64, ptr, i64)),
+        "fused": (_c_fused_gradient, gradient),
+        "blas": (_c_blas_gradient, gradient),
         "update": (_c_update, void(ptr, ptr, ptr, i64, i64, ptr, i64)),
     }
 
