@@ -208,6 +208,25 @@ def test_kernels_agree_on_longer_run(rng, kernel):
     assert_close(out.theta, ref.theta, "algorithms", np.float64, f"{kernel} vs fused")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blas_thread_ranges_match_reference(rng, threads):
+    # one range of samples per thread, gradients summed over the ranges
+    net, params, x, y = _problem(rng)
+    loss = fastntk.MSE("sum")
+    thetas, _, _ = _trajectory(
+        net,
+        params,
+        x,
+        y,
+        loss=loss,
+        lr=0.02,
+        steps=3,
+        kernel="blas",
+        threads=threads,
+    )
+    _check_steps(net, thetas, lambda t: None, x, y, loss, 0.02, None, "ranges")
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_chunking_does_not_change_results(rng, monkeypatch, kernel):
     # the same run cut into steps between records, or capped chunks
@@ -345,6 +364,25 @@ def test_input_params_untouched_unless_inplace(rng):
     )
     assert out2 is params
     np.testing.assert_array_equal(params.theta, out.theta)
+
+
+def test_progress_and_exports(rng, capsys):
+    net, params, x, y = _problem(rng)
+    _, hist = fastntk.train(
+        net,
+        params,
+        x,
+        y,
+        loss="mse",
+        lr=0.01,
+        steps=6,
+        record_every=3,
+        progress=True,
+    )
+    err = capsys.readouterr().err
+    assert "step 6/6" in err and "loss" in err
+    assert isinstance(hist, fastntk.History)
+    assert fastntk.TrainingDiverged is train_mod.TrainingDiverged
 
 
 def test_callback_stops_training(rng):

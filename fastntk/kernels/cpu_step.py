@@ -665,19 +665,41 @@ def bias_activate(z, b, a, m, n, code, slope, hidden):
 
 
 @njit(**JIT)
-def times_derivative(d, z, count, code, slope):
-    """d *= sigma'(z), entry by entry, over ``count`` entries."""
-    if code == RELU:
-        for m in range(count):
-            d[m] = d[m] if z[m] > 0 else 0.0 * d[m]
-    else:
-        for m in range(count):
-            d[m] *= dact(code, z[m], slope)
+def _column_sums_start(out, n, accumulate):
+    # Bias gradients start at zero unless they accumulate over blocks.
+    if not accumulate:
+        for i in range(n):
+            out[i] = 0.0
 
 
 @njit(**JIT)
-def loss_rows(z, y, eps, m, n, loss, scale):
-    """Loss of m samples (rows of z, y) and eps = scale dL/dz; returns the loss."""
+def times_derivative(d, z, m, n, code, slope, gb, accumulate):
+    """d *= sigma'(z) over (m, n) row-major blocks; gb[i] (+)= sum_p d[p, i].
+
+    The column sums of the result are the bias gradients of the layer below.
+    """
+    _column_sums_start(gb, n, accumulate)
+    for p in range(m):
+        r = p * n
+        if code == RELU:
+            for i in range(n):
+                v = d[r + i] if z[r + i] > 0 else 0.0 * d[r + i]
+                d[r + i] = v
+                gb[i] += v
+        else:
+            for i in range(n):
+                v = d[r + i] * dact(code, z[r + i], slope)
+                d[r + i] = v
+                gb[i] += v
+
+
+@njit(**JIT)
+def loss_rows(z, y, eps, m, n, loss, scale, gb, accumulate):
+    """Loss of m samples (rows of z, y) and eps = scale dL/dz; returns the loss.
+
+    Also gb[i] (+)= sum_p eps[p, i], the bias gradient of the output layer.
+    """
+    _column_sums_start(gb, n, accumulate)
     total = 0.0
     for p in range(m):
         r = p * n
@@ -705,18 +727,9 @@ def loss_rows(z, y, eps, m, n, loss, scale):
             for i in range(n):
                 eps[r + i] = scale * (np.exp(z[r + i] - lse) * ysum - y[r + i])
             total += lse * ysum - yz
+        for i in range(n):
+            gb[i] += eps[r + i]
     return scale * total
-
-
-@njit(**JIT)
-def column_sums(d, m, n, out, accumulate):
-    """out[i] = sum_p d[p, i] (added to ``out`` when ``accumulate``)."""
-    if not accumulate:
-        for i in range(n):
-            out[i] = 0.0
-    for p in range(m):
-        for i in range(n):
-            out[i] += d[p * n + i]
 
 
 @njit(**JIT)
@@ -775,13 +788,24 @@ def _blas_rows(theta, xb, yb, m, plan, slope, scale, work, part, first):
     zL = part + _ws(plan, 2 + BW_LAYERS + depth - 1)
     d = part + _ws(plan, 2 + BW_D0)
     other = part + _ws(plan, 2 + BW_D1)
-    value = loss_rows(work[zL:], yb, work[d:], m, n_out, plan[PLAN_LOSS], scale)
+    gbL = gpart + _b_off(plan, depth - 1)
+    value = loss_rows(
+        work[zL:],
+        yb,
+        work[d:],
+        m,
+        n_out,
+        plan[PLAN_LOSS],
+        scale,
+        work[gbL:],
+        not first,
+    )
 
-    # backward pass: dW = delta^T a_prev, db = column sums of delta,
-    # delta_prev = (delta W) * sigma'(z_prev)
+    # backward pass: dW = delta^T a_prev, then delta_prev = (delta W) *
+    # sigma'(z_prev), whose column sums are the bias gradient db of layer l-1
     for l in range(depth - 1, -1, -1):
         n, k = _widths(plan, l + 1), _widths(plan, l)
-        w0, b0 = _w_off(plan, l), _b_off(plan, l)
+        w0 = _w_off(plan, l)
         delta = work[d : d + m * n].reshape((m, n))
         if l == 0:
             a_prev = xb
@@ -796,12 +820,14 @@ def _blas_rows(theta, xb, yb, m, plan, slope, scale, work, part, first):
             np.dot(delta.T, a_prev, tmp.reshape((n, k)))
             for q in range(n * k):
                 gW[q] += tmp[q]
-        column_sums(work[d:], m, n, work[gpart + b0 :], not first)
         if l > 0:
             W = theta[w0 : w0 + n * k].reshape((n, k))
             np.dot(delta, W, work[other : other + m * k].reshape((m, k)))
             zp = part + _ws(plan, 2 + BW_LAYERS + l - 1)
-            times_derivative(work[other:], work[zp:], m * k, code, slope)
+            gb = gpart + _b_off(plan, l - 1)
+            times_derivative(
+                work[other:], work[zp:], m, k, code, slope, work[gb:], not first
+            )
             d, other = other, d
     return value
 
