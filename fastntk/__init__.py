@@ -32,6 +32,8 @@ _EXPORTS = {
     "ntk_flops": "fastntk.engines.ntk",
     "train": "fastntk.engines.train",
     "load_checkpoint": "fastntk.engines.train",
+    "History": "fastntk.engines.train",
+    "TrainingDiverged": "fastntk.engines.train",
     "save_params": "fastntk.model.io",
     "load_params": "fastntk.model.io",
 }
