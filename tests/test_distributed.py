@@ -38,9 +38,12 @@ class KillingMLP(fastntk.MLP):
 
     marker = None
     per_worker = False
+    after = 1  # the tile of the process that kills it: 1 for its first
+    calls = 0  # tiles started in this process
 
     def params(self, theta, *, copy=True):
-        if _in_worker():
+        KillingMLP.calls += 1
+        if _in_worker() and KillingMLP.calls >= self.after:
             path = self.marker
             if self.per_worker:
                 path += f"-{distributed.get_worker().name}"
@@ -55,9 +58,9 @@ class KillingMLP(fastntk.MLP):
         return super().params(theta, copy=copy)
 
 
-def _make_killing(widths, activation, marker, per_worker=False):
+def _make_killing(widths, activation, marker, per_worker=False, after=1):
     net = KillingMLP(widths, activation=activation, C_b=0.2)
-    net.marker, net.per_worker = marker, per_worker
+    net.marker, net.per_worker, net.after = marker, per_worker, after
     return net
 
 
@@ -114,16 +117,15 @@ def _tile_keys(stream):
 # -- tiled results equal the single-machine kernel ------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize(
-    "outputs,kind,symmetric",
+    "outputs,kind,symmetric,dtype",
     [
-        ("full", "layerwise", True),
-        ("full", "dense", False),
-        ("trace", "diagonal", True),
-        ("trace", "layerwise", False),
-        ("diagonal", "layerwise", True),
-        ("diagonal", "diagonal", False),
+        ("full", "layerwise", True, np.float64),
+        ("full", "dense", False, np.float32),
+        ("trace", "diagonal", True, np.float32),
+        ("trace", "layerwise", False, np.float64),
+        ("diagonal", "layerwise", True, np.float32),
+        ("diagonal", "diagonal", False, np.float64),
     ],
 )
 def test_dask_array_equals_single_machine(client, outputs, kind, symmetric, dtype):
@@ -253,22 +255,15 @@ def test_worker_thread_pools(client):
 # -- a worker dies mid-run -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("suffix", [None, ".npy"])
-def test_worker_killed_mid_run(client, tmp_path, suffix):
+def test_worker_killed_mid_run(client, tmp_path):
+    # one worker dies on its third tile: that tile, and the two finished tiles
+    # held in its memory, are computed again
     net, params, x1, _ = _problem()
-    killer = _make_killing(net.widths, net.activation, str(tmp_path / "killed"))
+    marker = str(tmp_path / "killed")
+    killer = _make_killing(net.widths, net.activation, marker, after=3)
     before = set(client.run(os.getpid).values())
-    store = None if suffix is None else str(tmp_path / f"k{suffix}")
-    out = fd.ntk(
-        killer,
-        params,
-        x1,
-        outputs="full",
-        tile_size=TILE,
-        client=client,
-        store=store,
-    )
-    got = out.compute() if store is None else out[...]
+    H = fd.ntk(killer, params, x1, outputs="full", tile_size=TILE, client=client)
+    got = H.compute()
     # exactly one worker process killed itself during the run
     with open(tmp_path / "killed") as fh:
         victim = int(fh.read())
@@ -311,6 +306,17 @@ class Interrupt(Exception):
     pass
 
 
+def _wait_idle(client, timeout=60):
+    # cancelled tasks already running finish on their workers: wait for them
+    def executing(dask_worker):
+        return dask_worker.state.executing_count
+
+    deadline = time.monotonic() + timeout
+    while any(client.run(executing).values()):
+        assert time.monotonic() < deadline, "workers still busy"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("suffix", [".npy", ".zarr"])
 def test_resume_computes_only_missing_tiles(client, tmp_path, suffix):
     net, params, x1, _ = _problem()
@@ -334,6 +340,7 @@ def test_resume_computes_only_missing_tiles(client, tmp_path, suffix):
         )
     with pytest.raises(ValueError, match="misses"):
         fd.open_kernel(path)
+    _wait_idle(client)
     store = fd._store.KernelStore.at(path)
     done_before = int(store.read_done((5, 5)).sum())
     assert 4 <= done_before < total
@@ -483,6 +490,23 @@ def test_arguments_checked_before_any_work(client, tmp_path):
         fd.ntk(net, params, x1[:, :2], client=client)
     with pytest.raises(FileNotFoundError, match="found none"):
         fd.open_kernel(str(tmp_path / "nothing.zarr"))
+    # files and folders it did not write are never overwritten
+    np.save(tmp_path / "mine.npy", np.arange(3))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("keep")
+    for name in ("mine.npy", "folder"):
+        for resume in (True, False):
+            with pytest.raises(ValueError, match="not a kernel store"):
+                fd.ntk(
+                    net,
+                    params,
+                    x1,
+                    client=client,
+                    store=str(tmp_path / name),
+                    resume=resume,
+                )
+    assert np.load(tmp_path / "mine.npy").tolist() == [0, 1, 2]
+    assert (tmp_path / "folder" / "notes.txt").read_text() == "keep"
     with pytest.raises(ValueError, match="distinct"):
         fd.ensemble(net, x1, seeds=[1, 1], client=client)
     with pytest.raises(ValueError, match="train: missing"):
@@ -499,3 +523,25 @@ def test_progress_bar():
     lines = out.getvalue().split("\r")
     assert lines[-1].startswith("tiles [####] 4/4") and lines[-1].endswith("\n")
     assert lines[3].startswith("tiles [##..] 2/4")
+
+
+def test_docs_examples_run(client, tmp_path, monkeypatch):
+    # the Python blocks of docs/distributed.md, in one namespace, in order; the
+    # client they open is this module's, which they leave open
+    import re
+    from pathlib import Path
+
+    opening = "client = Client(n_workers=2, threads_per_worker=1)"
+    monkeypatch.setattr(client, "close", lambda *args, **kwargs: None)
+
+    text = (Path(__file__).parent.parent / "docs" / "distributed.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 4 and opening in blocks[0]
+    blocks[0] = blocks[0].replace(opening, "client = module_client")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__docs__", "module_client": client}
+    for k, block in enumerate(blocks):
+        exec(compile(block, f"docs/distributed.md, block {k + 1}", "exec"), namespace)
+    spread = namespace["spread"]
+    assert spread[0] > spread[-1]  # the relative variance falls with the width
+    assert namespace["p"].tiles == 21

@@ -26,7 +26,7 @@ def usable_cores() -> int:
 def check_cluster_args(client, address, n_workers, threads_per_worker, timeout):
     """Validate the arguments that choose the cluster; return them cleaned."""
     if client is not None:
-        from distributed import Client
+        from distributed.client import Client
 
         if not isinstance(client, Client):
             raise TypeError(

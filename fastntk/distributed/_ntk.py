@@ -150,7 +150,9 @@ def ntk(
     store : str or os.PathLike, optional
         Write the kernel to disk tile by tile: a path ending in ``.npy`` (a NumPy
         file written through a memory map) or any other path (a Zarr directory,
-        one chunk per tile).  Use a file system the workers share.
+        one chunk per tile).  A relative path is taken from the current
+        directory of this process; the workers must see the same path (on one
+        machine, or a shared file system).
     resume : bool
         When ``store`` holds an interrupted run of the same kernel, compute only
         its missing tiles.  False starts over (overwriting the store).

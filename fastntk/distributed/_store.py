@@ -87,7 +87,8 @@ class KernelStore:
     """
 
     def __init__(self, path: str):
-        self.path = os.fspath(path)
+        # absolute: the workers may run in another directory
+        self.path = os.path.abspath(os.fspath(path))
         self.meta = None
         self.done = None
 
@@ -117,7 +118,15 @@ class KernelStore:
             self.meta = found
             self.done = self.read_done(grid_shape)
             return int(self.done.sum())
-        self.remove()
+        # start over: never remove anything this module did not write
+        if os.path.lexists(self.path):
+            if not self.owned():
+                raise ValueError(
+                    f"store: {self.path!r} exists and is not a kernel store written "
+                    f"by fastntk.distributed.ntk; choose another path, or remove it "
+                    f"yourself"
+                )
+            self.remove()
         self.create(meta, shape, dtype, chunks, grid_shape)
         self.meta = meta
         self.done = np.zeros(grid_shape, dtype=bool)
@@ -132,6 +141,11 @@ class KernelStore:
     # -- format-specific --------------------------------------------------------
 
     def exists(self) -> bool:
+        """Whether a complete store (record and kernel) is at the path."""
+        raise NotImplementedError
+
+    def owned(self) -> bool:
+        """Whether what is at the path was written here (it may be partial)."""
         raise NotImplementedError
 
     def remove(self):
@@ -166,7 +180,13 @@ class NpyStore(KernelStore):
         return self.path + ".tiles.json"
 
     def exists(self):
-        return os.path.exists(self.path) and os.path.exists(self.record_path)
+        return os.path.exists(self.path) and self.owned()
+
+    def owned(self):
+        try:
+            return self._read_record()["meta"]["format"] == FORMAT
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
     def remove(self):
         for p in (self.record_path, self.path):
@@ -174,7 +194,7 @@ class NpyStore(KernelStore):
                 os.remove(p)
 
     def create(self, meta, shape, dtype, chunks, grid_shape):
-        # the record first: a file without one is never taken for a finished run
+        # the record first, which marks the file as this module's
         self.meta = meta
         self.done = np.zeros(grid_shape, dtype=bool)
         self.write_done()
@@ -212,29 +232,38 @@ class NpyStore(KernelStore):
 class ZarrStore(KernelStore):
     """Zarr group with arrays ``kernel`` and ``done`` and attribute ``fastntk``."""
 
-    def exists(self):
+    def _group(self):
+        # the group at the path, or None when there is none
         import zarr
 
+        if not os.path.isdir(self.path):
+            return None
         try:
-            group = zarr.open_group(self.path, mode="r")
-        except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError):
+            return zarr.open_group(self.path, mode="r")
+        except Exception:  # no group there, whatever zarr calls it
+            return None
+
+    def exists(self):
+        group = self._group()
+        return self.owned() and "done" in group and "kernel" in group
+
+    def owned(self):
+        group = self._group()
+        if group is None:
             return False
-        return "fastntk" in group.attrs and "done" in group and "kernel" in group
+        meta = group.attrs.get("fastntk")
+        return isinstance(meta, dict) and meta.get("format") == FORMAT
 
     def remove(self):
-        if os.path.isdir(self.path):
-            shutil.rmtree(self.path)
-        elif os.path.exists(self.path):
-            raise ValueError(
-                f"store: expected a Zarr directory or a path ending in .npy, "
-                f"received {self.path!r}, an existing file; remove it or choose "
-                f"another path"
-            )
+        shutil.rmtree(self.path)
 
     def create(self, meta, shape, dtype, chunks, grid_shape):
         import zarr
 
+        # the description first, which marks the directory as this module's;
+        # the run is complete (resumable) once both arrays exist
         group = zarr.open_group(self.path, mode="w")
+        group.attrs["fastntk"] = meta
         group.create_array(
             "kernel",
             shape=shape,
@@ -246,8 +275,6 @@ class ZarrStore(KernelStore):
         group.create_array(
             "done", shape=grid_shape, dtype="uint8", chunks=grid_shape, fill_value=0
         )
-        # the description last: a group without it is never taken for a run
-        group.attrs["fastntk"] = meta
 
     def read_meta(self):
         import zarr
