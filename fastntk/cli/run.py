@@ -21,6 +21,7 @@ The job, step by step:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -44,18 +45,13 @@ class Timer:
     def __init__(self):
         self.seconds = {}
 
+    @contextlib.contextmanager
     def __call__(self, name):
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[name] = time.perf_counter() - self.start
-                return False
-
-        return _Phase()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - start
 
 
 def load_dataset(cfg) -> datasets.Dataset:
@@ -203,7 +199,7 @@ def run_job(cfg, *, show_progress=False) -> dict:
     # the linearized model (fastntk.theory.Linearized) diagonalizes the kernel;
     # its eigenvalues are the spectrum, else the spectrum is computed here
     lin = None
-    with timer("spectrum"):
+    with timer("eigendecomposition"):
         if linearizable and small:
             from fastntk.theory import Linearized
 
@@ -248,7 +244,7 @@ def run_job(cfg, *, show_progress=False) -> dict:
 
     # 6. the linearized model on the same steps
     with timer("linearized"):
-        lin_report, lin_arrays = _linearized(cfg, lin, ds, loss, history.step, small)
+        lin_report, lin_arrays = _linearized(cfg, lin, ds, loss, history.step)
     report["linearized"] = lin_report
     arrays.update(lin_arrays)
 
@@ -452,7 +448,7 @@ def _train(cfg, net, params0, ds, loss, rates, lr, show_progress):
     return trained, history, info
 
 
-def _linearized(cfg, lin, ds, loss, steps, small):
+def _linearized(cfg, lin, ds, loss, steps):
     """Losses (and accuracies) of the frozen-kernel model on the recorded steps.
 
     ``lin`` is a :class:`fastntk.theory.Linearized`: gradient descent on the
