@@ -349,6 +349,29 @@ def test_ntk_command_matches_library(tmp_path, capsys):
     np.testing.assert_allclose(K, np.asarray(K).T, rtol=1e-6)
 
 
+@pytest.mark.parametrize("outputs", ["full", "trace", "diagonal"])
+def test_striped_kernel_equals_one_call(outputs, rng):
+    # the stripes behind the progress bar of large kernels
+    import io
+
+    from fastntk.cli.kernel import striped_ntk
+    from fastntk.cli.progress import Progress
+
+    net = fastntk.MLP([3, 16, 16, 2], activation="tanh", C_W=1.0)
+    params = net.init(seed=1)
+    x1 = rng.standard_normal((23, 3))
+    x2 = rng.standard_normal((9, 3))
+    for second in (None, x2):
+        H = fastntk.ntk(net, params, x1, second, outputs=outputs)
+        stream = io.StringIO()
+        bar = Progress(100, "kernel", enabled=True, stream=stream)
+        out = striped_ntk(
+            net, params, x1, second, np.full_like(H, np.nan), bar, outputs=outputs
+        )
+        assert_close(out, H, "algorithms", "float64", f"striped {outputs}")
+        assert "kernel [" in stream.getvalue() and "100/100" in stream.getvalue()
+
+
 def test_ntk_command_on_a_local_dask_cluster(tmp_path, capsys):
     pytest.importorskip("distributed")
     out = tmp_path / "tiled.npy"

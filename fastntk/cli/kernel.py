@@ -126,22 +126,26 @@ def command(cfg) -> int:
     if on_cluster:
         _distributed(cfg, net, params, x1, x2, rates, out)
     else:
+        options = dict(
+            rates=rates,
+            outputs=cfg["outputs"],
+            memory_limit=cfg["memory_limit"],
+            threads=cfg["threads"],
+        )
+        bar = Progress(
+            100, "kernel, % of pairs", enabled=None if not cfg["quiet"] else False
+        )
         with thread_limit(cfg["threads"]):
-            H = fastntk.ntk(
-                net,
-                params,
-                x1,
-                x2,
-                rates=rates,
-                outputs=cfg["outputs"],
-                memory_limit=cfg["memory_limit"],
-                out=target,
-                threads=cfg["threads"],
-            )
+            if bar.enabled and x1.shape[0] >= STRIPE_MIN_ROWS:
+                if target is None:
+                    target = np.empty(shape, dtype=params.dtype)
+                H = striped_ntk(net, params, x1, x2, target, bar, **options)
+            else:
+                H = fastntk.ntk(net, params, x1, x2, out=target, **options)
     seconds = time.perf_counter() - start
 
     # write (or flush the memory map)
-    if target is not None:
+    if isinstance(target, np.memmap):
         target.flush()
         del target
     elif not on_cluster:
@@ -152,6 +156,66 @@ def command(cfg) -> int:
         f"{_mib(_peak_rss_bytes())}, written to {out}"
     )
     return 0
+
+
+#: Kernels with at least this many rows are computed in stripes of rows when a
+#: progress bar is drawn (one call of the engine per stripe).
+STRIPE_MIN_ROWS = 4096
+
+#: Stripes of a striped kernel (at least; more when a stripe would exceed
+#: STRIPE_BYTES).
+STRIPES = 20
+STRIPE_BYTES = 256 << 20
+
+
+def striped_ntk(net, params, x1, x2, out, bar, **options):
+    """The kernel computed in stripes of rows of ``x1``, reporting progress.
+
+    For a symmetric kernel (``x2`` None) each stripe of rows r0:r1 is computed
+    against the samples r0: only, and mirrored into the columns r0:r1 of the
+    rows below, so that every pair of samples is computed once, as the engine
+    itself does.  Each stripe is one :func:`fastntk.ntk` call.
+
+    Parameters
+    ----------
+    net, params, x1, x2
+        As in :func:`fastntk.ntk`.
+    out : ndarray or numpy.memmap
+        The result, of the kernel's full shape.
+    bar : Progress
+        Advanced to ``bar.total`` in proportion to the sample pairs done.
+    **options
+        Passed to :func:`fastntk.ntk` (``rates``, ``outputs``, ...).
+
+    Returns
+    -------
+    out
+    """
+    P1 = x1.shape[0]
+    P2 = P1 if x2 is None else x2.shape[0]
+    row_bytes = out.itemsize * int(np.prod(out.shape[1:], dtype=np.int64))
+    rows = max(1, min(-(-P1 // STRIPES), STRIPE_BYTES // max(row_bytes, 1)))
+    outputs = options.get("outputs", "full")
+    # axes of H(x1, x2)[a, b, ...] that give H(x2, x1)[b, a, ...]
+    swap = {"full": (1, 0, 3, 2), "trace": (1, 0), "diagonal": (1, 0, 2)}[outputs]
+
+    # sample pairs to compute: the upper triangle, or the whole rectangle
+    total = P1 * (P1 + 1) // 2 if x2 is None else P1 * P2
+    done = 0
+    with bar:
+        for r0 in range(0, P1, rows):
+            r1 = min(r0 + rows, P1)
+            if x2 is None:
+                # this stripe against the samples from r0 on, then its mirror
+                block = fastntk.ntk(net, params, x1[r0:r1], x1[r0:], **options)
+                out[r0:r1, r0:] = block
+                out[r1:, r0:r1] = block[:, r1 - r0 :].transpose(swap)
+            else:
+                out[r0:r1] = fastntk.ntk(net, params, x1[r0:r1], x2, **options)
+            done += (r1 - r0) * (P1 - r0 if x2 is None else P2)
+            bar.update(bar.total * min(done, total) // total)
+    logger.debug("kernel of %d x %d samples in stripes of %d rows", P1, P2, rows)
+    return out
 
 
 def _distributed(cfg, net, params, x1, x2, rates, out):

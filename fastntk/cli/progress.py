@@ -50,6 +50,7 @@ class Progress:
         self.min_interval = min_interval
         self._start = time.perf_counter()
         self._last_draw = -float("inf")
+        self._shown = -1
 
     def __enter__(self):
         self._draw(force=True)
@@ -82,7 +83,10 @@ class Progress:
         now = time.perf_counter()
         if not force and now - self._last_draw < self.min_interval:
             return
+        if self.done == self._shown and self.done >= self.total:
+            return  # the final state is already on screen
         self._last_draw = now
+        self._shown = self.done
 
         # filled part of the bar, counts, elapsed time and estimate of what is left
         frac = self.done / self.total
