@@ -71,3 +71,28 @@ def test_docs_links_resolve_and_every_page_is_linked():
     linked = {Path(t).name for t in targets}
     pages = {p.name for p in (ROOT / "docs").glob("*.md")}
     assert pages <= linked, f"docs pages not linked from README: {pages - linked}"
+
+
+def test_docstring_examples_run(tmp_path, monkeypatch):
+    # the runnable examples of the command line, data, parameter-file and
+    # PyTorch modules (the PyTorch ones are marked to skip: torch is optional)
+    import doctest
+
+    import fastntk.cli
+    import fastntk.cli.progress
+    import fastntk.data
+    import fastntk.interop
+    import fastntk.model.io
+
+    monkeypatch.chdir(tmp_path)
+    modules = (
+        fastntk.cli,
+        fastntk.cli.progress,
+        fastntk.data,
+        fastntk.interop,
+        fastntk.model.io,
+    )
+    for module in modules:
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, f"{module.__name__}: {result}"
+    assert doctest.testmod(fastntk.data).attempted >= 10

@@ -120,6 +120,16 @@ def main(argv=None) -> int:
     -------
     int
         Exit status: 0 on success, 1 on a failed command, 2 on a bad command line.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from fastntk.cli import main
+    >>> path = os.path.join(tempfile.mkdtemp(), "k.npy")
+    >>> main(["ntk", "--n", "8", "--hidden", "16", "--quiet", "--out", path])
+    ... # doctest: +ELLIPSIS
+    fastntk ntk: shape (8, 8) float64 (trace) in ... s, output ..., written to ...
+    0
     """
     parser = build_parser()
     try:

@@ -309,6 +309,14 @@ def split(x, y, n_train=None, n_test=None, *, seed=0):
     Returns
     -------
     x_train, y_train, x_test, y_test : ndarray
+
+    Examples
+    --------
+    >>> import numpy as np, fastntk
+    >>> x, y = np.arange(20.0).reshape(10, 2), np.arange(10)
+    >>> x_tr, y_tr, x_te, y_te = fastntk.data.split(x, y, 6, 4, seed=0)
+    >>> sorted(np.concatenate([y_tr, y_te]).tolist()) == list(range(10))
+    True
     """
     x = np.asarray(x)
     y = np.asarray(y)
