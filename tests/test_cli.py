@@ -159,9 +159,10 @@ def test_run_without_eigendecomposition(tmp_path, monkeypatch):
     assert report["lr"]["value"] == pytest.approx(full["lr"]["value"], rel=1e-9)
 
 
-def test_run_one_step_prediction_is_first_order(tmp_path):
-    # A wide tanh network at a small learning rate: the kernel's prediction
-    # of the output change is accurate and its residual shrinks like lr^2.
+def test_run_one_step_prediction_orders(tmp_path):
+    # A wide tanh network: the kernel's prediction of the output change is
+    # accurate, its residual shrinks like lr^2 on test and training outputs,
+    # and like lr^3 and lr^4 with the second- and third-order terms.
     out = tmp_path / "r"
     status = main(
         [
@@ -179,7 +180,7 @@ def test_run_one_step_prediction_is_first_order(tmp_path):
             "--C-W",
             "1",
             "--lr",
-            "1e-4",
+            "1e-2",
             "--steps",
             "2",
             "--no-plots",
@@ -192,6 +193,14 @@ def test_run_one_step_prediction_is_first_order(tmp_path):
     one = json.loads((out / "report.json").read_text())["one_step"]
     assert one["relative_error_test"] < 1e-2
     assert 1.8 <= one["residual_order"] <= 2.2
+    assert 1.8 <= one["residual_order_train"] <= 2.2
+    assert 2.8 <= one["orders"]["2"]["exponent"] <= 3.2
+    assert 3.8 <= one["orders"]["3"]["exponent"] <= 4.2
+    # relu: first order only (no curvature between kinks)
+    out = tmp_path / "relu"
+    assert main(["run", *TINY_RUN, "--no-plots", "--out", str(out), "-q"]) == 0
+    one = json.loads((out / "report.json").read_text())["one_step"]
+    assert list(one["orders"]) == ["1"]
 
 
 def test_run_config_file_and_flag_precedence(tmp_path, capsys):

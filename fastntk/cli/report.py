@@ -235,8 +235,12 @@ def _plot_one_step(path, report, arrays, title):
         f"One gradient step: NTK prediction vs actual (lr = {one['lr']:.3g})\n{title}"
     )
     fits = one.get("orders", {})
-    lines = ["training outputs, residual ~ lr^p over lr, lr/2, lr/4:"] + [
-        f"  order {k} prediction: p = {v['exponent']:.2f}" for k, v in fits.items()
+    lines = [
+        "residual ~ lr^p over lr, lr/2, lr/4:",
+        f"  test outputs, order 1: p = {one['residual_order']:.2f}",
+    ] + [
+        f"  training outputs, order {k}: p = {v['exponent']:.2f}"
+        for k, v in fits.items()
     ]
     ax.text(
         0.98,

@@ -318,10 +318,11 @@ def _one_step_check(step, ds, lr, H_BA):
     """One real step against the kernel's predictions (fastntk.theory.OneStep).
 
     First order: the loss change -lr eps^T H eps (and -lr g^T lambda g), the
-    output change -lr H eps on training inputs (with the exponent of the
-    residual over lr, lr/2, lr/4, about 2) and on test inputs through the cross
-    kernel ``H_BA``.  For smooth activations the predictions of order 2 and 3
-    (Taylor-mode terms) on the training inputs too (exponents about 3 and 4).
+    output change -lr H eps on training inputs and, through the cross kernel
+    ``H_BA``, on test inputs, each with the exponent of its residual over lr,
+    lr/2, lr/4 (about 2).  For smooth activations the predictions of order 2
+    and 3 (Taylor-mode terms) on the training inputs too (exponents about 3
+    and 4).
     """
     net = step.net
 
@@ -334,25 +335,30 @@ def _one_step_check(step, ds, lr, H_BA):
         for order in (2, 3):
             fits[str(order)] = step.residual_order("outputs", lr, order=order)
 
-    # test outputs: -lr H_BA eps against the same real step
+    # test outputs: -eta H_BA eps against the same real steps (eta = lr, lr/2,
+    # lr/4, taken once by OneStep), and the exponent of the residual
     eps = step.eps.astype(np.float64)
-    pred_te = -lr * np.einsum("dajk,ak->dj", H_BA.astype(np.float64), eps)
+    unit_te = -np.einsum("dajk,ak->dj", H_BA.astype(np.float64), eps)
     z0_te = net.apply(step.params, ds.x_test).astype(np.float64)
-    actual_te = net.apply(step.step(lr), ds.x_test).astype(np.float64) - z0_te
-
-    def relative(pred, actual):
-        return float(
-            np.linalg.norm(actual - pred) / max(np.linalg.norm(actual), 1e-300)
-        )
+    residuals_te = []
+    for eta in fit.lrs:
+        actual = net.apply(step.step(float(eta)), ds.x_test).astype(np.float64)
+        residuals_te.append(float(np.linalg.norm(actual - z0_te - eta * unit_te)))
+        if eta == fit.lrs[0]:
+            pred_te, actual_te = eta * unit_te, actual - z0_te
+    exponent_te = _fit_exponent(fit.lrs, residuals_te)
+    scale_te = max(float(np.linalg.norm(actual_te)), 1e-300)
 
     report = {
         "lr": lr,
         "relative_error_train": out_tr.relative_residual,
-        "relative_error_test": relative(pred_te, actual_te),
+        "relative_error_test": residuals_te[0] / scale_te,
+        "residual_order": exponent_te,
+        "residual_order_train": fit.exponent,
+        "residual_norms_test": residuals_te,
         "loss_change_actual": float(loss_change.actual),
         "loss_change_predicted_kernel": float(loss_change.predicted),
         "loss_change_predicted_gradient": float(loss_change.extra["gradient_form"]),
-        "residual_order": fit.exponent,
         "orders": {
             k: {
                 "exponent": f.exponent,
@@ -363,8 +369,8 @@ def _one_step_check(step, ds, lr, H_BA):
             for k, f in fits.items()
         },
         "source": "fastntk.theory.OneStep: -lr H eps against one step of "
-        "fastntk.train; orders of the residual on the training outputs; higher "
-        "orders by Taylor-mode derivatives",
+        "fastntk.train; residual_order: test outputs, over lr, lr/2, lr/4; "
+        "orders: training outputs, with the Taylor-mode terms of order 2 and 3",
     }
     rows = {
         "pred_train": out_tr.predicted,
@@ -373,6 +379,14 @@ def _one_step_check(step, ds, lr, H_BA):
         "actual_test": actual_te,
     }
     return report, rows
+
+
+def _fit_exponent(lrs, residuals):
+    # Least-squares slope of log(residual) against log(lr).
+    residuals = np.asarray(residuals, dtype=np.float64)
+    if np.any(residuals <= 0) or not np.all(np.isfinite(residuals)):
+        return math.nan
+    return float(np.polyfit(np.log(lrs), np.log(residuals), 1)[0])
 
 
 def _accuracy_observables(net, ds):
