@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -60,6 +61,12 @@ def memory(field="VmHWM") -> float:
     return float("nan")
 
 
+def cpu_seconds() -> float:
+    """User and system CPU time of this process, all its threads, so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def compare(a, b, rows=1000) -> float:
     """Max-norm relative difference of two stored kernels, read in row blocks."""
     err, scale = 0.0, 0.0
@@ -78,19 +85,21 @@ def run_single(net, params, x, outputs, threads, path):
     )
     base = memory("VmRSS")
     peak_reset()
-    t0 = time.perf_counter()
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
     out = np.lib.format.open_memmap(path, mode="w+", dtype=params.dtype, shape=shape)
     fastntk.ntk(net, params, x, outputs=outputs, out=out, threads=threads)
     out.flush()
     del out
-    seconds = time.perf_counter() - t0
-    return seconds, (memory() - base, memory())
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+    return seconds, cpu, (memory() - base, memory())
 
 
 def run_dask(fd, client, net, params, x, outputs, tile_size, path):
     # the tiled kernel on the cluster, written tile by tile into the store
     base = client.run(memory, "VmRSS")
     client.run(peak_reset)
+    cpu0 = client.run(cpu_seconds)
+    cpu0[None] = cpu_seconds()
     t0 = time.perf_counter()
     fd.ntk(
         net,
@@ -103,10 +112,14 @@ def run_dask(fd, client, net, params, x, outputs, tile_size, path):
         resume=False,
     )
     seconds = time.perf_counter() - t0
+    # CPU time of the workers and of this process (the client)
+    cpu1 = client.run(cpu_seconds)
+    cpu1[None] = cpu_seconds()
+    cpu = sum(cpu1[w] - cpu0[w] for w in cpu1)
     peaks = client.run(memory)
     # the largest worker: (peak above its resident memory before, peak)
     worst = max(peaks, key=lambda w: peaks[w] - base[w])
-    return seconds, (peaks[worst] - base[worst], peaks[worst])
+    return seconds, cpu, (peaks[worst] - base[worst], peaks[worst])
 
 
 def main(argv=None):
@@ -169,6 +182,7 @@ def main(argv=None):
                 True,
                 args.workers,
                 per_pair * params.dtype.itemsize,
+                max(args.widths[1:-1], default=1),
             )
             plan = fd.plan(
                 net,
@@ -185,23 +199,21 @@ def main(argv=None):
                 f"{plan.flops / 1e9:.0f} GFLOP"
             )
 
+            # wall seconds, CPU seconds and peak memory of every run
             single, dask = [], {s: [] for s in args.store}
-            peaks_single, peaks_dask = [], {s: [] for s in args.store}
             for r in range(args.repeat):
-                sec, peak = run_single(
-                    net, params, x, args.outputs, args.workers, single_path
+                single.append(
+                    run_single(net, params, x, args.outputs, args.workers, single_path)
                 )
-                single.append(sec)
-                peaks_single.append(peak)
-                print(f"  run {r}: single {sec:.2f} s", end="", flush=True)
+                print(f"  run {r}: single {single[-1][0]:.2f} s", end="", flush=True)
                 for kind in args.store:
                     path = os.path.join(work, f"dask.{kind}")
-                    sec, peaks = run_dask(
-                        fd, client, net, params, x, args.outputs, tile, path
+                    dask[kind].append(
+                        run_dask(fd, client, net, params, x, args.outputs, tile, path)
                     )
-                    dask[kind].append(sec)
-                    peaks_dask[kind].append(peaks)
-                    print(f", dask/{kind} {sec:.2f} s", end="", flush=True)
+                    print(
+                        f", dask/{kind} {dask[kind][-1][0]:.2f} s", end="", flush=True
+                    )
                 print()
 
             # the results, entry by entry
@@ -213,31 +225,40 @@ def main(argv=None):
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    t_single = statistics.median(single)
+    def medians(runs):
+        return statistics.median(r[0] for r in runs), statistics.median(
+            r[1] for r in runs
+        )
+
     gflops = plan.flops / 1e9
+    t_single, c_single = medians(single)
     print()
     print(
-        f"{'engine':<22}{'median s':>10}{'GFLOP/s':>10}{'overhead':>10}"
-        f"{'peak MiB (+run)':>18}{'rel. diff':>11}"
+        f"{'engine':<22}{'wall s':>8}{'GFLOP/s':>9}{'overhead':>10}{'CPU s':>8}"
+        f"{'overhead':>10}{'peak MiB (+run)':>17}{'rel. diff':>11}"
     )
-    grow, peak = max(peaks_single)
+    grow, peak = max(r[2] for r in single)
     print(
-        f"{'single, ' + str(args.workers) + ' threads':<22}{t_single:>10.2f}"
-        f"{gflops / t_single:>10.1f}{'':>10}{f'{peak:.0f} (+{grow:.0f})':>18}"
+        f"{'single, ' + str(args.workers) + ' threads':<22}{t_single:>8.2f}"
+        f"{gflops / t_single:>9.1f}{'':>10}{c_single:>8.2f}{'':>10}"
+        f"{f'{peak:.0f} (+{grow:.0f})':>17}"
     )
     for kind in args.store:
-        t = statistics.median(dask[kind])
-        grow, peak = max(peaks_dask[kind])
+        t, c = medians(dask[kind])
+        grow, peak = max(r[2] for r in dask[kind])
         print(
-            f"{'dask ' + kind + ', ' + str(args.workers) + ' workers':<22}{t:>10.2f}"
-            f"{gflops / t:>10.1f}{t / t_single - 1:>+10.1%}"
-            f"{f'{peak:.0f} (+{grow:.0f})':>18}{errors[kind]:>11.1e}"
+            f"{'dask ' + kind + ', ' + str(args.workers) + ' workers':<22}{t:>8.2f}"
+            f"{gflops / t:>9.1f}{t / t_single - 1:>+10.1%}{c:>8.2f}"
+            f"{c / c_single - 1:>+10.1%}{f'{peak:.0f} (+{grow:.0f})':>17}"
+            f"{errors[kind]:>11.1e}"
         )
     print(
-        "peak MiB: high-water mark of resident memory of the process during a run "
-        "(+ its growth over the run); dask rows: the worker that grew most. "
+        "Medians over the runs.  CPU s: CPU time of all processes involved (the "
+        "workers and the client for dask), less sensitive to other load than wall "
+        "time.  peak MiB: high-water mark of resident memory of the process during "
+        "a run (+ its growth over the run); dask rows: the worker that grew most.  "
         "GFLOP/s: the tiled kernel's operations (fastntk.distributed.plan) per "
-        "second."
+        "second of wall time."
     )
 
 

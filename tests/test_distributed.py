@@ -545,3 +545,14 @@ def test_docs_examples_run(client, tmp_path, monkeypatch):
     spread = namespace["spread"]
     assert spread[0] > spread[-1]  # the relative variance falls with the width
     assert namespace["p"].tiles == 21
+
+
+def test_docstring_examples():
+    # the examples in the docstrings (those not starting a cluster run here)
+    import doctest
+    import importlib
+
+    for name in ("_ntk", "_ensemble", "_store", "_cluster", "_progress"):
+        module = importlib.import_module(f"fastntk.distributed.{name}")
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, f"{result.failed} examples failed in {name}"

@@ -167,13 +167,18 @@ def connect(
         n_workers,
         threads_per_worker,
     )
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        env=thread_environment(threads_per_worker),
-    )
+    import dask
+
+    # the workers' statistical profiler samples every thread's stack all the
+    # time; it is a diagnostic of Dask itself, left off in clusters started here
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            env=thread_environment(threads_per_worker),
+        )
     try:
         own = Client(cluster, set_as_default=set_as_default)
         try:

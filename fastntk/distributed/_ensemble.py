@@ -318,7 +318,7 @@ def ensemble(
     dt = check_dtype("dtype", dtype)
     x1 = as_samples("x1", x1, nets[0].n_in, dt)
     x2 = None if x2 is None else as_samples("x2", x2, nets[0].n_in, dt)
-    if callable(rates) and not hasattr(rates, "kind"):
+    if callable(rates):
         per_net = [rates(net) for net in nets]
     else:
         per_net = [rates] * len(nets)
@@ -363,7 +363,8 @@ def ensemble(
 
 def _run(client, spec, seeds, gather, ddof, fan_in, report):
     # the inputs scattered once; everything again if they are lost with workers
-    for attempt in range(1, MAX_SCATTERS + 1):
+    attempt = 1
+    while True:
         spec_future = client.scatter(spec, broadcast=True, hash=False)
         try:
             return _attempt(
@@ -378,7 +379,7 @@ def _run(client, spec, seeds, gather, ddof, fan_in, report):
             )
         finally:
             client.cancel([spec_future])
-    raise AssertionError("unreachable: the last attempt returns or raises")
+        attempt += 1
 
 
 def _attempt(client, spec_future, spec, seeds, gather, ddof, fan_in, report):

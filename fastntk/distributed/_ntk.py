@@ -21,12 +21,16 @@ OUTPUTS = ("full", "trace", "diagonal")
 METHODS = ("auto", "structured", "jacobian")
 
 #: Tiles per task slot of the cluster aimed at by the automatic tile size, so that
-#: the work spreads evenly (a diagonal tile of a symmetric kernel costs half).
-TILES_PER_SLOT = 8
-#: Largest tile the automatic size picks, in bytes of kernel.
-MAX_TILE_BYTES = 256 << 20
+#: the work spreads evenly (the costliest tiles are scheduled first).
+TILES_PER_SLOT = 4
+#: Smallest tile side the automatic size picks, in multiples of the widest hidden
+#: layer: a tile recomputes the forward and backward passes of its samples, which
+#: cost about 2 N / side of its Gram products for width N.
+MIN_TILE_PER_WIDTH = 16
 #: Smallest tile side the automatic size picks (unless the kernel is smaller).
 MIN_TILE = 256
+#: Largest tile the automatic size picks, in bytes of kernel.
+MAX_TILE_BYTES = 256 << 20
 
 #: Prefix of the keys of tile tasks on the scheduler.
 TILE_KEY = "fastntk-tile"
@@ -73,16 +77,21 @@ def check_kernel_options(net, rates, outputs, per_layer, method):
     return rates, method
 
 
-def default_tile_size(P1, P2, symmetric, slots, bytes_per_pair) -> int:
-    """Tile side giving about ``TILES_PER_SLOT`` tiles per slot, within bounds."""
+def default_tile_size(P1, P2, symmetric, slots, bytes_per_pair, width=1) -> int:
+    """Tile side for ``slots`` task slots and hidden layers up to ``width`` wide.
+
+    About ``TILES_PER_SLOT`` tiles per slot, sides of at least ``MIN_TILE`` and
+    ``MIN_TILE_PER_WIDTH * width`` samples, at most ``MAX_TILE_BYTES`` a tile.
+    """
     target = TILES_PER_SLOT * slots
     if symmetric:
         # n (n + 1) / 2 tiles for n tiles along each axis
         side = math.ceil(P1 / math.ceil(math.sqrt(2 * target)))
     else:
         side = math.ceil(math.sqrt(P1 * P2 / target))
-    side = min(side, int(math.sqrt(MAX_TILE_BYTES / bytes_per_pair)))
-    return max(side, min(MIN_TILE, max(P1, P2)), 1)
+    side = max(side, MIN_TILE, MIN_TILE_PER_WIDTH * width)
+    side = min(side, int(math.sqrt(MAX_TILE_BYTES / bytes_per_pair)), max(P1, P2))
+    return max(side, 1)
 
 
 def _check_store(store, resume):
@@ -145,8 +154,10 @@ def ntk(
     method : {"auto", "structured", "jacobian"}
         Algorithm of each tile, as in :func:`fastntk.ntk`.
     tile_size : int, optional
-        Samples per tile along each axis.  By default about eight tiles per task
-        slot of the cluster, at most 256 MiB each.
+        Samples per tile along each axis.  By default about four tiles per task
+        slot of the cluster, at least 16 times the widest hidden layer (each
+        tile recomputes the forward and backward passes of its samples) and at
+        most 256 MiB each.
     store : str or os.PathLike, optional
         Write the kernel to disk tile by tile: a path ending in ``.npy`` (a NumPy
         file written through a memory map) or any other path (a Zarr directory,
@@ -230,7 +241,8 @@ def ntk(
         if tile_size is None:
             slots = max(1, sum(cl.nthreads().values()))
             per_pair = int(np.prod(shape)) // (P1 * P2) * params.dtype.itemsize
-            tile_size = default_tile_size(P1, P2, x2 is None, slots, per_pair)
+            width = max(net.widths[1:-1], default=1)
+            tile_size = default_tile_size(P1, P2, x2 is None, slots, per_pair, width)
         grid = _tiles.Grid(P1, P2, tile_size, x2 is None)
         problem = _tiles.Problem(
             net=net,
@@ -460,7 +472,8 @@ def _run_tiles(client, problem, tiles, task, extra, on_landed, report, keep):
     total, landed, pending = len(tiles), {}, list(tiles)
     if report is not None:
         report(0, total)
-    for attempt in range(1, MAX_SCATTERS + 1):
+    attempt = 1
+    while True:
         problem_future = _scatter(client, problem)
         futures = _submit_tiles(
             client, task, problem_future, problem.grid, pending, *extra
@@ -476,22 +489,35 @@ def _run_tiles(client, problem, tiles, task, extra, on_landed, report, keep):
         try:
             _drain(client, futures, land)
         except Exception:
+            # only the loss of the scattered inputs is recovered from here
             if attempt == MAX_SCATTERS or not _lost(client, problem_future):
                 raise
             pending = [t for t in pending if t not in landed]
+            logger.warning(
+                "the kernel's inputs were lost with the workers holding them; "
+                "sending them again for the %d tiles left",
+                len(pending),
+            )
         else:
-            redo = [t for t, f in landed.items() if keep and f.cancelled()]
-            if not redo:
+            # results kept on the cluster that were lost with their inputs
+            pending = [t for t, f in landed.items() if keep and f.cancelled()]
+            if not pending:
                 return problem_future, landed
-            for t in redo:
+            if attempt == MAX_SCATTERS:
+                raise RuntimeError(
+                    f"ntk: the results of {len(pending)} tiles were lost with "
+                    f"their workers {MAX_SCATTERS} times; check the workers' "
+                    f"health (memory, restarts), or pass store=... to keep the "
+                    f"tiles on disk as they land"
+                )
+            for t in pending:
                 del landed[t]
-            pending = redo
-        logger.warning(
-            "the kernel's inputs were lost with the workers holding them; sending "
-            "them again for the %d tiles left",
-            len(pending),
-        )
-    raise AssertionError("unreachable: the last attempt returns or raises")
+            logger.warning(
+                "the results of %d tiles were lost with their workers and inputs; "
+                "sending the inputs again to compute them",
+                len(pending),
+            )
+        attempt += 1
 
 
 def _to_store(client, problem, shape, lead, kstore, resume, report):

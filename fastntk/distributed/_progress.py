@@ -28,8 +28,8 @@ class ProgressBar:
     >>> out = io.StringIO()
     >>> bar = ProgressBar("tiles", stream=out, width=10)
     >>> bar(5, 10); bar(10, 10)
-    >>> out.getvalue().splitlines()[-1].split("]")[0]
-    '\\rtiles [##########'
+    >>> out.getvalue().split("\\r")[-1][:19]
+    'tiles [##########] '
     """
 
     def __init__(self, label="tiles", stream=None, width=30):
