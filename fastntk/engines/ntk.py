@@ -564,13 +564,17 @@ def _plan(args) -> _Plan:
         tile = min(tile, max(P1, P2))
         if args.method == "structured":
             units = 0
-            work = tile * tile * (1 + qg)
+            # tile-local accumulator, input Gram, output-derivative Gram
+            q = {"full": n_out * n_out, "trace": 1, "diagonal": n_out}[args.outputs]
+            work = tile * tile * (q + 1 + qg)
         else:
             # two Jacobian chunks of ``units`` units, their product and its copy
             units = max(1, (1 << 21) // (tile * n_out * fan_in))
             units = min(units, max(net.widths[1:]))
             work = 2 * tile * n_out * units * fan_in + 2 * tile * tile * qg
-        fixed = work * s + feature_temps
+        # one scratch per thread for the structured kernel
+        fixed = work * s * (numba.get_num_threads() if units == 0 else 1)
+        fixed += feature_temps
         sets = P1 if args.symmetric else P1 + P2
         if fixed + sets * per_sample <= args.memory_limit:
             return _Plan(tile, P2, True, work, units)

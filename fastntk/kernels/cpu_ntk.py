@@ -274,77 +274,134 @@ def features(theta, widths, x, code, slope, acts, grads, n_threads):
 
 
 @njit(**JIT)
-def _combine(H, slot, pos, A, G, rate, how):
-    """Fused pass over one tile: H (+)= (bias + weight A) * G.
+def _combine(acc, A, G, shape, rate, how):
+    """Fused pass over one tile: acc (+)= (bias + weight A) * G.
 
-    pos = (r0, c0, tm, tn, upper): the tile's rows and columns in H, and whether
-    only its upper triangle (b >= a) is needed (a tile on the diagonal of a
-    symmetric kernel, where A and G hold their upper triangles only).
-    rate = (bias, weight, n_out) in H's dtype; how = (mode, assign, identity):
+    shape = (tm, tn, q, upper): the tile's rows and columns, values per pair,
+    and whether only its upper triangle (b >= a) is needed (a tile on the
+    diagonal of a symmetric kernel, where A and G hold upper triangles only).
+    rate = (bias, weight, n_out) in acc's dtype; how = (mode, assign, identity):
     output mode, whether to overwrite rather than add, and whether G is the
-    identity (the last layer).  A is (tm, tn) flat; G is flat with layout
-    (tm * n_out, tn * n_out) full, (tm, tn) trace, (n_out, tm, tn) diagonal.
+    identity (the last layer).  acc is (tm, tn, q) flat; A is (tm, tn) flat; G
+    is flat with layout (tm * n_out, tn * n_out) full, (tm, tn) trace,
+    (n_out, tm, tn) diagonal.
     """
-    r0, c0, tm, tn, upper = pos
+    tm, tn, q, upper = shape
     bias, weight, n_outf = rate[0], rate[1], rate[2]
     mode, assign, identity = how
     n_out = int(n_outf + 0.5)
-    ldg = tn * n_out
-    zero = bias - bias
     for a in range(tm):
+        # row a of acc, A and G from column b_lo on (slices starting at b_lo,
+        # with loops from 0, let the loops vectorize)
         b_lo = a if upper else 0
-        hrow = H[slot, r0 + a]
-        for b in range(b_lo, tn):
-            # layer factor of the input Gram: bias_rate + weight_rate A[a, b]
-            cab = bias + weight * A[a * tn + b]
-            h = hrow[c0 + b]
-            if mode == TRACE:
-                v = cab * n_outf if identity else cab * G[a * tn + b]
-                h[0] = v if assign else h[0] + v
-            elif mode == DIAGONAL:
-                for i in range(n_out):
-                    v = cab if identity else cab * G[(i * tm + a) * tn + b]
-                    h[i] = v if assign else h[i] + v
+        w = tn - b_lo
+        h = acc[(a * tn + b_lo) * q : (a + 1) * tn * q]
+        ar = A[a * tn + b_lo : (a + 1) * tn]
+        if mode == TRACE:
+            # H[a, b] (+)= c_ab G[a, b], with G = n_out on the last layer
+            gr = G[a * tn + b_lo : (a + 1) * tn]
+            if identity and assign:
+                for b in range(w):
+                    h[b] = (bias + weight * ar[b]) * n_outf
             elif identity:
-                for i in range(n_out):
-                    for j in range(n_out):
-                        if i == j:
-                            h[i * n_out + j] = cab if assign else h[i * n_out + j] + cab
-                        elif assign:
-                            h[i * n_out + j] = zero
+                for b in range(w):
+                    h[b] += (bias + weight * ar[b]) * n_outf
+            elif assign:
+                for b in range(w):
+                    h[b] = (bias + weight * ar[b]) * gr[b]
             else:
-                for i in range(n_out):
-                    row = (a * n_out + i) * ldg + b * n_out
+                for b in range(w):
+                    h[b] += (bias + weight * ar[b]) * gr[b]
+        elif mode == DIAGONAL:
+            # H[a, b, i] (+)= c_ab G_i[a, b], with G_i = 1 on the last layer
+            for i in range(n_out):
+                g0 = (i * tm + a) * tn + b_lo
+                gr = G[g0 : g0 + w]
+                for b in range(w):
+                    cab = bias + weight * ar[b]
+                    v = cab if identity else cab * gr[b]
+                    h[b * q + i] = v if assign else h[b * q + i] + v
+        else:
+            # H[a, b, i, j] (+)= c_ab G[(a, i), (b, j)], G = delta_ij on the last
+            ldg = tn * n_out
+            for i in range(n_out):
+                g0 = (a * n_out + i) * ldg + b_lo * n_out
+                gr = G[g0 : g0 + w * n_out]
+                for b in range(w):
+                    cab = bias + weight * ar[b]
                     for j in range(n_out):
-                        if upper and a == b and j < i:
+                        if identity:
+                            v = cab if i == j else cab - cab
+                        elif b == 0 and upper and j < i:
                             # lower triangle of a diagonal block: G is symmetric
-                            g = G[(a * n_out + j) * ldg + b * n_out + i]
+                            v = cab * G[(a * n_out + j) * ldg + a * n_out + i]
                         else:
-                            g = G[row + j]
-                        v = cab * g
-                        h[i * n_out + j] = v if assign else h[i * n_out + j] + v
+                            v = cab * gr[b * n_out + j]
+                        k = b * q + i * n_out + j
+                        h[k] = v if assign else h[k] + v
 
 
 @njit(**JIT)
-def _mirror_tile(H, r0, c0, tm, tn, diag, full):
-    # H[s, c0 + b, r0 + a] = H[s, r0 + a, c0 + b] (output indices swapped when
-    # full): the transposed copy of a tile of a symmetric kernel; on a diagonal
-    # tile only its strict lower triangle is written, from the upper one.
-    n_slots, _, _, q = H.shape
+def _store_transposed(H, slot, row0, col0, acc, shape, full, strict):
+    # H[slot, row0 + b, col0 + a] = acc[a, b] (output indices swapped when full)
+    # for a tile acc of shape (tm, tn, q); with ``strict`` only for a < b.
+    # Columns of acc go 16 at a time through a small transposed buffer, so that
+    # both acc and H are read and written along their rows.
+    tm, tn, q = shape
+    _, P1, P2, _ = H.shape
     n_out = int(np.sqrt(q) + 0.5) if full else 1
-    for s in range(n_slots):
-        for b in range(tn):
-            dst = H[s, c0 + b]
-            for a in range(b if diag else tm):
-                src = H[s, r0 + a, c0 + b]
-                d = dst[r0 + a]
-                if full:
-                    for i in range(n_out):
-                        for j in range(n_out):
-                            d[j * n_out + i] = src[i * n_out + j]
-                else:
-                    for k in range(q):
-                        d[k] = src[k]
+    Hf = H.reshape(-1)
+    tbuf = np.empty((16, tm * q), dtype=acc.dtype)
+    a2 = acc[: tm * tn * q].reshape((tm, tn * q))
+    for b0 in range(0, tn, 16):
+        nb = min(16, tn - b0)
+        rows = min(tm, b0 + nb) if strict else tm
+        # tbuf[bb, a] = acc[a, b0 + bb]
+        if q == 1:
+            for a in range(rows):
+                for bb in range(nb):
+                    tbuf[bb, a] = a2[a, b0 + bb]
+        else:
+            for a in range(rows):
+                for bb in range(nb):
+                    for i in range(n_out if full else q):
+                        for j in range(n_out if full else 1):
+                            if full:
+                                tbuf[bb, a * q + j * n_out + i] = a2[
+                                    a, (b0 + bb) * q + i * n_out + j
+                                ]
+                            else:
+                                tbuf[bb, a * q + i] = a2[a, (b0 + bb) * q + i]
+        # row row0 + b of H, columns col0 .. col0 + stop
+        for bb in range(nb):
+            b = b0 + bb
+            stop = b if strict else tm
+            base = ((slot * P1 + row0 + b) * P2 + col0) * q
+            Hf[base : base + stop * q] = tbuf[bb, : stop * q]
+
+
+@njit(**JIT)
+def _store(H, slot, pos, acc, mirror, full):
+    """Copy a finished tile from acc (tm, tn, q) into H, and its mirror image.
+
+    pos = (r0, c0, tm, tn, upper) as in :func:`_combine`.  An upper-only tile
+    fills its lower triangle from the upper one; with ``mirror`` (a symmetric
+    kernel) the tile is also written transposed at (c0, r0), output indices
+    swapped when ``full``.
+    """
+    r0, c0, tm, tn, upper = pos
+    _, P1, P2, q = H.shape
+    Hf = H.reshape(-1)
+    for a in range(tm):
+        # row a of the tile (from the diagonal on for an upper-only tile)
+        lo = a if upper else 0
+        base = ((slot * P1 + r0 + a) * P2 + c0 + lo) * q
+        Hf[base : base + (tn - lo) * q] = acc[(a * tn + lo) * q : (a + 1) * tn * q]
+    if upper:
+        # strict lower triangle of a diagonal tile, from the upper one
+        _store_transposed(H, slot, r0, c0, acc, (tm, tn, q), full, True)
+    elif mirror:
+        _store_transposed(H, slot, c0, r0, acc, (tm, tn, q), full, False)
 
 
 @njit(**JIT)
@@ -358,8 +415,9 @@ def _gram(m, n, k, x, xo, y, yo, ld, c, co, ldc, diag):
 
 @njit(**JIT)
 def _tile(f1, f2, widths, rates, mode, tile, H, origin, per_layer, sym, work):
-    # Every layer of one tile: Gram matrices by BLAS, fused combine, and for a
-    # symmetric kernel the mirrored copy.  tile = (i0, j0, tm, tn, diag) in the
+    # Every layer of one tile: Gram matrices by BLAS, fused combine into a
+    # tile-local accumulator, then the tile (and its mirror image for a
+    # symmetric kernel) stored into H.  tile = (i0, j0, tm, tn, diag) in the
     # local rows of f1 and columns of f2; origin = (R0, C0), their place in H.
     x1, acts1, grads1, rows1, first1, _ = f1
     x2, acts2, grads2, rows2, first2, _ = f2
@@ -367,12 +425,14 @@ def _tile(f1, f2, widths, rates, mode, tile, H, origin, per_layer, sym, work):
     R0, C0 = origin
     depth = widths.shape[0] - 1
     n_out = widths[depth]
+    q = H.shape[3]
     start = hidden_starts(widths)
-    A = work[: tm * tn]
-    G = work[tm * tn :]
+    acc = work[: tm * tn * q]
+    A = work[tm * tn * q : tm * tn * (q + 1)]
+    G = work[tm * tn * (q + 1) :]
     a1, a2 = first1 + i0, first2 + j0
+    pos = (R0 + i0, C0 + j0, tm, tn, diag)
     for l in range(depth):
-        slot = l if per_layer else 0
         last = l == depth - 1
 
         # input Gram A = a^(l)[rows] a^(l)[columns]^T
@@ -427,18 +487,11 @@ def _tile(f1, f2, widths, rates, mode, tile, H, origin, per_layer, sym, work):
                         diag,
                     )
 
-        # fused combine-and-accumulate into the result
-        _combine(
-            H,
-            slot,
-            (R0 + i0, C0 + j0, tm, tn, diag),
-            A,
-            G,
-            rates[l],
-            (mode, per_layer or l == 0, last),
-        )
-    if sym:
-        _mirror_tile(H, R0 + i0, C0 + j0, tm, tn, diag, mode == FULL)
+        # fused combine-and-accumulate, and the store of a finished kernel
+        assign = per_layer or l == 0
+        _combine(acc, A, G, (tm, tn, q, diag), rates[l], (mode, assign, last))
+        if per_layer or last:
+            _store(H, l if per_layer else 0, pos, acc, sym, mode == FULL)
 
 
 @njit(**JIT_PARALLEL)
