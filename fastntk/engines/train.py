@@ -1167,28 +1167,23 @@ def _train_cpu(a: _TrainArgs):
             kept = step - 1
         else:
             kept = step
-        msg = (
+        return (
             f"training diverged at step {step}: the loss became {bad} with "
             f"lr={a.lr:g}; last finite loss "
             f"{'none' if math.isnan(last_loss) else f'{last_loss:.6g}'}"
             f"{f' at step {last_step}' if last_step >= 0 else ''}; returning the "
             f"parameters of step {kept}.  Lower the learning rate."
         )
-        return msg
 
     message = None
     while True:
         # recorded step: history, NTK snapshot, checkpoint
         if t % a.record_every == 0 or t == T:
-            value_ok = True
             stop = record(t)
             if not math.isfinite(history._train[-1]):
-                value_ok = False
-            else:
-                last_loss, last_step = history._train[-1], t
-            if not value_ok:
                 message = diverge(t, history._train[-1])
                 break
+            last_loss, last_step = history._train[-1], t
         if a.ntk_every is not None and (t % a.ntk_every == 0 or t == T):
             if not history._ntk_step or history._ntk_step[-1] != t:
                 ntk_record(t)
@@ -1218,12 +1213,8 @@ def _train_cpu(a: _TrainArgs):
             break
         t = t_next
 
-    if message is not None:
-        final_step = history.diverged_step - (1 if have_previous else 0)
-    else:
-        final_step = t
     if a.checkpoint is not None and message is None:
-        save(final_step)
+        save(t)
     theta = bufs[cur]
     if a.inplace:
         a.params.theta[:] = theta

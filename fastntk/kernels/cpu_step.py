@@ -44,8 +44,10 @@ from fastntk.kernels.cpu import MSE
 #: Entries of one SIMD vector of the fused step (both dtypes).
 LANES = 8
 
-#: Rows of one register tile of the fused step.
-TILE_ROWS = 4
+#: Rows of the largest register tile of the fused step (tiles of 8, 4 and 1
+#: rows cover any row count; 8 independent accumulators hide the latency of
+#: the fused multiply-adds).
+TILE_ROWS = 8
 
 #: How the update applies the learning-rate tensor: theta -= r[0] g (identity),
 #: theta -= r * g (any diagonal tensor), theta -= R g (dense).
@@ -398,6 +400,31 @@ def _v_row(V, vrows, j):
 
 
 @njit(**JIT_INLINE)
+def _tile8(out, r, c, init, C, V, vrows, nj):
+    # Rows r..r+7, columns c..c+LANES-1 of out = init + C V.
+    o, oo, ld = out
+    ca, co, cr, cj = C
+    va = V[0]
+    tile = _tile_new(o)
+    for u in range(8):
+        _tile_fill(tile, u, init[0][init[1] + r + u])
+    for j in range(nj):
+        cp = co + r * cr + j * cj
+        vp = _v_row(V, vrows, j) + c
+        _tile_fma(tile, 0, ca[cp], va, vp)
+        _tile_fma(tile, 1, ca[cp + cr], va, vp)
+        _tile_fma(tile, 2, ca[cp + 2 * cr], va, vp)
+        _tile_fma(tile, 3, ca[cp + 3 * cr], va, vp)
+        _tile_fma(tile, 4, ca[cp + 4 * cr], va, vp)
+        _tile_fma(tile, 5, ca[cp + 5 * cr], va, vp)
+        _tile_fma(tile, 6, ca[cp + 6 * cr], va, vp)
+        _tile_fma(tile, 7, ca[cp + 7 * cr], va, vp)
+    base = oo + r * ld + c
+    for u in range(8):
+        _tile_store(tile, u, o, base + u * ld)
+
+
+@njit(**JIT_INLINE)
 def _tile4(out, r, c, init, C, V, vrows, nj):
     # Rows r..r+3, columns c..c+LANES-1 of out = init + C V.
     o, oo, ld = out
@@ -445,10 +472,14 @@ def matmul_rows(out, init, C, V, rows, cols, nj, vrows):
     """
     full = cols - cols % LANES
     r = 0
-    while r + TILE_ROWS <= rows:
+    while r + 8 <= rows:
+        for c in range(0, full, LANES):
+            _tile8(out, r, c, init, C, V, vrows, nj)
+        r += 8
+    if r + 4 <= rows:
         for c in range(0, full, LANES):
             _tile4(out, r, c, init, C, V, vrows, nj)
-        r += TILE_ROWS
+        r += 4
     while r < rows:
         for c in range(0, full, LANES):
             _tile1(out, r, c, init, C, V, vrows, nj)
