@@ -93,7 +93,8 @@ def measure(
     list of dict
         Keys ``task``, ``fastntk_s``, ``reference_s``, ``speedup``,
         ``first_call_s`` (fastntk's first call, compilation included) and
-        ``max_rel_error``.
+        ``max_rel_error``; the NTK row also ``fastntk_gflops``, the engine's
+        operation count (:func:`fastntk.ntk_flops`) over its time.
     """
     net = fastntk.MLP([N_IN, *hidden, N_OUT], activation="relu")
     params = net.init(seed=seed, dtype=dtype)
@@ -117,6 +118,7 @@ def measure(
     )
     ref, _, H_ref = _median_time(ref_ntk, repeat)
     rows.append(_row(f"ntk P={samples} full", fast, ref, first, _relative(H, H_ref)))
+    rows[-1]["fastntk_gflops"] = fastntk.ntk_flops(net, samples) / fast / 1e9
 
     # the gradient of the summed MSE
     fast, first, g = _median_time(
@@ -181,7 +183,7 @@ def format_table(rows, dtype, widths, threads=None) -> str:
     """The measurements as a fixed-width text table."""
     head = (
         f"{'task':<24} {'fastntk':>10} {'reference':>10} {'speed-up':>9} "
-        f"{'1st call':>9} {'max rel err':>12}"
+        f"{'1st call':>9} {'max rel err':>12} {'GFLOP/s':>8}"
     )
     lines = [
         f"fastntk bench: MLP {widths} relu, {dtype}, "
@@ -190,10 +192,11 @@ def format_table(rows, dtype, widths, threads=None) -> str:
         "-" * len(head),
     ]
     for r in rows:
+        rate = r.get("fastntk_gflops")
         lines.append(
             f"{r['task']:<24} {_ms(r['fastntk_s']):>10} {_ms(r['reference_s']):>10} "
             f"{r['speedup']:>8.1f}x {_ms(r['first_call_s']):>9} "
-            f"{r['max_rel_error']:>12.2e}"
+            f"{r['max_rel_error']:>12.2e} {'-' if rate is None else f'{rate:.1f}':>8}"
         )
     return "\n".join(lines)
 
