@@ -544,7 +544,7 @@ def test_docs_examples_run(client, tmp_path, monkeypatch):
         exec(compile(block, f"docs/distributed.md, block {k + 1}", "exec"), namespace)
     spread = namespace["spread"]
     assert spread[0] > spread[-1]  # the relative variance falls with the width
-    assert namespace["p"].tiles == 21
+    assert namespace["p"].tiles == 10
 
 
 def test_docstring_examples():
