@@ -432,11 +432,7 @@ def ntk(
         x2, "__cuda_array_interface__"
     )
     if backend != "cpu" or on_device:
-        P1 = int(x1.shape[0])
-        P2 = None if x2 is None else int(x2.shape[0])
-        flops = ntk_flops(
-            _check_net(net), P1, P2, outputs=outputs if outputs in (OUTPUTS) else "full"
-        )
+        flops = _flops_estimate(net, x1, x2, outputs)
         if resolve_backend("cuda" if on_device else backend, flops) == "cuda":
             from fastntk.engines.ntk_cuda import ntk_cuda
 
@@ -476,6 +472,17 @@ def ntk(
         else:
             _jacobian(args, out, plan)
     return out
+
+
+def _flops_estimate(net, x1, x2, outputs):
+    # Operation count for the choice of a backend; None when the arguments are
+    # not yet known to be valid (the chosen backend's validation reports them).
+    try:
+        P1 = int(np.shape(x1)[0])
+        P2 = None if x2 is None else int(np.shape(x2)[0])
+        return ntk_flops(_check_net(net), P1, P2, outputs=outputs)
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
 
 
 # -- BLAS threads ---------------------------------------------------------------------
@@ -557,8 +564,16 @@ def _plan(args) -> _Plan:
     if args.block_size is not None:
         tiles = [args.block_size]
     else:
-        # about 512 rows of the output-derivative Gram per tile, halved on demand
+        # about 512 rows of the output-derivative Gram per tile, smaller when
+        # that leaves fewer than four tiles per thread (down to a quarter), and
+        # halved further only to meet the memory limit
         first = max(8, 512 // (n_out if args.outputs == "full" else 1))
+        threads = numba.get_num_threads()
+        for _ in range(2):
+            rows = -(-P1 // first)
+            count = rows * (rows + 1) // 2 if args.symmetric else rows * -(-P2 // first)
+            if count < 4 * threads and first >= 16:
+                first //= 2
         tiles = [first >> k for k in range(first.bit_length())]
     for tile in tiles:
         tile = min(tile, max(P1, P2))
