@@ -14,8 +14,8 @@ after a first call that compiles the kernels (its time is reported apart):
 
 Each row also gives the largest relative difference from the reference.  With
 ``--full`` and a source checkout, the side-by-side scripts
-``benchmarks/compare_ntk.py`` and ``benchmarks/compare_train.py`` run after it
-(on their quick settings).
+``benchmarks/compare_ntk.py`` (workload A, float64, one round) and
+``benchmarks/compare_train.py`` (float64, one round) run after it.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ N_IN, N_OUT = 32, 4
 
 #: Side-by-side scripts of a source checkout and their quick options.
 SCRIPTS = {
-    "compare_ntk.py": ["--quick"],
-    "compare_train.py": ["--repeat", "1"],
+    "compare_ntk.py": ["--workloads", "A", "--dtypes", "float64", "--repeat", "1"],
+    "compare_train.py": ["--dtype", "float64", "--repeat", "1"],
 }
 
 
