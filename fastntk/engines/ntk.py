@@ -463,7 +463,7 @@ def ntk(
         block_size=block_size,
         out=out,
     )
-    plan = _plan(args)
+    plan = _plan(args, on_disk=_page_releaser(out) is not None)
     if out is None:
         out = np.empty(args.shape, dtype=args.dtype)
     with _config.thread_limit(threads), _serial_blas():
@@ -547,8 +547,10 @@ class _Plan:
     units: int  # units per parameter chunk of the Jacobian algorithm
 
 
-def _plan(args) -> _Plan:
+def _plan(args, on_disk=False) -> _Plan:
     # Tile and chunk sizes for ``args``; raises when the limit cannot be met.
+    # A result mapped from a file (``on_disk``) gets tiles twice as large, so
+    # that fewer stripes fault its pages in and release them.
     net, s = args.net, args.dtype.itemsize
     P1 = args.x1.shape[0]
     P2 = P1 if args.symmetric else args.x2.shape[0]
@@ -568,6 +570,7 @@ def _plan(args) -> _Plan:
         # that leaves fewer than four tiles per thread (down to a quarter), and
         # halved further only to meet the memory limit
         first = max(8, 512 // (n_out if args.outputs == "full" else 1))
+        first *= 2 if on_disk else 1
         threads = numba.get_num_threads()
         for _ in range(2):
             rows = -(-P1 // first)
