@@ -6,8 +6,8 @@ lambda, the neural tangent kernel is
     H[a, b, i, j] = sum_{mu, nu} dz_i(x1_a)/dtheta_mu lambda_{mu nu}
                                  dz_j(x2_b)/dtheta_nu,
 
-stored samples first: ``H[a, b, i, j]`` is H_{i j; a b} of the spec, for output
-i on sample a of x1 and output j on sample b of x2 (the layout of
+stored samples first: ``H[a, b, i, j]`` is H_{i j; a b} in the usual notation,
+for output i on sample a of x1 and output j on sample b of x2 (the layout of
 neural-tangents and torch.func).  Two algorithms compute it:
 
 - *structured* (identity and layerwise tensors): per layer, the Gram matrix of the
@@ -132,7 +132,7 @@ def _check_ntk_options(
         str(outputs),
         bool(per_layer),
         method,
-        (memory_limit),
+        memory_limit,
         block_size,
     )
 
@@ -320,9 +320,11 @@ def ntk_flops(
     pairs = P1 * (P1 + 1) / 2 if symmetric else float(P1) * P2
     samples = P1 if symmetric else P1 + P2
 
-    # forward pass, then backward pass of the n_out output derivatives
-    fwd = sum(2.0 * widths[l] * widths[l + 1] for l in range(depth))
-    bwd = sum(2.0 * n_out * widths[l] * widths[l + 1] for l in range(1, depth))
+    # forward pass through the hidden layers, then the backward pass of the
+    # n_out output derivatives (elementwise through the last layer)
+    fwd = sum(2.0 * widths[l] * widths[l + 1] for l in range(depth - 1))
+    bwd = sum(2.0 * n_out * widths[l] * widths[l + 1] for l in range(1, depth - 1))
+    bwd += n_out * widths[depth - 1] if depth > 1 else 0.0
     total = samples * (fwd + bwd)
     if method == "jacobian":
         # one product J1 J2^T over all parameters, plus filling the Jacobians
@@ -557,7 +559,9 @@ def _plan(args, on_disk=False) -> _Plan:
     n_out, hidden = net.n_out, sum(net.widths[1:-1])
     fan_in = max(net.widths[:-1]) + 1
     per_sample = hidden * (1 + n_out) * s
-    feature_temps = 2 * min(max(P1, P2), 4 * _config.SAMPLE_BLOCK) * hidden * s
+    threads = numba.get_num_threads()
+    # forward-pass buffers of one block of samples per thread
+    feature_temps = 2 * min(max(P1, P2), _config.SAMPLE_BLOCK) * hidden * s * threads
     qg = {"full": n_out * n_out, "trace": 1, "diagonal": n_out}[args.outputs]
     dense = args.method == "jacobian" and args.rates.kind == "dense"
     if dense:
@@ -571,7 +575,6 @@ def _plan(args, on_disk=False) -> _Plan:
         # halved further only to meet the memory limit
         first = max(8, 512 // (n_out if args.outputs == "full" else 1))
         first *= 2 if on_disk else 1
-        threads = numba.get_num_threads()
         for _ in range(2):
             rows = -(-P1 // first)
             count = rows * (rows + 1) // 2 if args.symmetric else rows * -(-P2 // first)
@@ -590,15 +593,16 @@ def _plan(args, on_disk=False) -> _Plan:
             units = max(1, (1 << 21) // (tile * n_out * fan_in))
             units = min(units, max(net.widths[1:]))
             work = 2 * tile * n_out * units * fan_in + 2 * tile * tile * qg
-        # one scratch per thread for the structured kernel
-        fixed = work * s * (numba.get_num_threads() if units == 0 else 1)
-        fixed += feature_temps
+        # one scratch per thread for the structured kernel; the Jacobian
+        # algorithm takes the columns a tile at a time
+        fixed = work * s * (threads if units == 0 else 1) + feature_temps
         sets = P1 if args.symmetric else P1 + P2
         if fixed + sets * per_sample <= args.memory_limit:
-            return _Plan(tile, P2, True, work, units)
+            return _Plan(tile, P2 if units == 0 else tile, True, work, units)
         cols = (args.memory_limit - fixed - tile * per_sample) // per_sample
         if cols >= tile:
-            return _Plan(tile, int(min(cols, P2)), False, work, units)
+            cols = min(cols, P2) if units == 0 else tile
+            return _Plan(tile, int(cols), False, work, units)
     need = fixed + 2 * tile * per_sample
     raise ValueError(
         f"memory_limit: expected at least {need} bytes for the smallest blocks "
@@ -641,7 +645,7 @@ class _Features:
 def _page_releaser(out):
     # A function dropping out's resident pages when out maps a file shared with
     # the disk (np.memmap, modes 'r+' and 'w+'), so that resident memory stays
-    # bounded by one stripe; a no-op for arrays in memory.
+    # bounded by one stripe; None for arrays in memory.
     if not isinstance(out, np.memmap) or out.mode not in ("r+", "w+"):
         return None
     import ctypes
