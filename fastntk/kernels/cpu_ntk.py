@@ -14,11 +14,14 @@ derivatives are the identity, so its G is the identity.
 ``acts`` holds a^(h) for hidden layers h = 1..L-1 as consecutive (P, n_h) blocks,
 ``grads`` holds g^(h) for h = 1..L-1 as consecutive (P, n_out, n_h) blocks.
 
-The kernel is produced tile by tile: for a tile of rows and columns and each
-layer, BLAS computes A and G into small buffers (``syrk`` on tiles of the
-diagonal of a symmetric kernel, ``gemm`` elsewhere, both reading the features in
-place through their leading dimensions), and one fused parallel pass adds
-``(bias_rate + weight_rate A) * G`` into the result while both are in cache.
+The kernel is produced tile by tile (:func:`structured_tiles`), the tiles in
+parallel, one thread per tile, each thread calling single-threaded BLAS: for each
+layer, BLAS computes A and G of the tile into small buffers (``syrk`` on tiles on
+the diagonal of a symmetric kernel, ``gemm`` elsewhere, both reading the features
+in place through their leading dimensions), and one fused pass adds
+``(bias_rate + weight_rate A) * G`` into a tile-local accumulator while all three
+are in cache.  The finished tile is stored into the result, and for a symmetric
+kernel (only tiles on and above the diagonal are listed) also stored transposed.
 
 The result is addressed as a 4-D C-ordered array ``H`` of shape
 (n_slots, P1, P2, q): one slot per layer for per-layer kernels (else one), and
@@ -32,11 +35,7 @@ from __future__ import annotations
 
 import llvmlite.binding as ll
 import numpy as np
-from numba import (
-    njit,
-    prange,
-    types,
-)
+from numba import njit, prange, types
 from numba.extending import get_cython_function_address, intrinsic
 
 from fastntk._config import JIT, JIT_PARALLEL, SAMPLE_BLOCK
