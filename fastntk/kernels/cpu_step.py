@@ -71,11 +71,11 @@ PLAN_BLOCK = 11  # BLAS kernel: rows per block within a range
 PLAN_GATHER = 12  # BLAS kernel: 1 when batches are gathered rows, 0 for all rows
 PLAN_HEADER = 13
 
-# Workspace blocks of the fused kernel: the batch inputs (feature-major), the
-# gradient, two error buffers, a block of zeros, then per layer the
-# preactivations and activations (feature-major) and the activations
+# Workspace blocks of the fused kernel: the batch inputs (feature-major and
+# sample-major), the gradient, two error buffers, a block of zeros, then per
+# layer the preactivations and activations (feature-major) and the activations
 # (sample-major).
-WS_XT, WS_GRAD, WS_D0, WS_D1, WS_ZEROS, WS_LAYERS = range(6)
+WS_XT, WS_XS, WS_GRAD, WS_D0, WS_D1, WS_ZEROS, WS_LAYERS = range(7)
 WS_PER_LAYER = 3
 
 # Workspace blocks of one part of the BLAS kernel (after the gradient): the
@@ -186,7 +186,14 @@ def make_plan(
 
     if kernel == "fused":
         bp = padded(batch)
-        sizes = [widths[0] * bp, n_params, wmax * bp, wmax * bp, wmax]
+        sizes = [
+            widths[0] * bp,
+            batch * widths[0],
+            n_params,
+            wmax * bp,
+            wmax * bp,
+            wmax,
+        ]
         for n in widths[1:]:
             sizes += [n * bp, n * bp, batch * n]
         offsets, size = _layout(sizes)
@@ -322,6 +329,77 @@ def _tile_store(typingctx, tile, row, ary, offset):
 
 
 @intrinsic
+def _tile_set(typingctx, tile, row, lane, value):
+    """tile[row, lane] = value (assembles a vector from scalars)."""
+
+    def codegen(context, builder, sig, args):
+        dt = tile.dtype
+        slot = _tile_slot(context, builder, args[0], args[1], dt)
+        elem = builder.gep(builder.bitcast(slot, args[0].type), [args[2]])
+        builder.store(context.cast(builder, args[3], value, dt), elem)
+        return context.get_dummy_value()
+
+    return types.void(tile, row, lane, value), codegen
+
+
+def _relu_select(builder, test, value, vt):
+    # value where test > 0, else 0 * value (NaN stays NaN, as in the reference)
+    zero = llir.Constant(vt, [0.0] * LANES)
+    positive = builder.fcmp_ordered(">", test, zero)
+    return builder.select(positive, value, builder.fmul(zero, value))
+
+
+@intrinsic
+def _relu_lanes(typingctx, ary, dst, src):
+    """ary[dst:dst + LANES] = relu(ary[src:src + LANES])."""
+
+    def codegen(context, builder, sig, args):
+        vt = _vector_type(context, ary.dtype)
+        v = builder.load(
+            _element_vector(context, builder, ary, args[0], args[2]), align=1
+        )
+        out = _relu_select(builder, v, v, vt)
+        builder.store(
+            out, _element_vector(context, builder, ary, args[0], args[1]), align=1
+        )
+        return context.get_dummy_value()
+
+    return types.void(ary, dst, src), codegen
+
+
+@intrinsic
+def _relu_derivative_lanes(typingctx, ary, d, z):
+    """ary[d:d + LANES] *= relu'(ary[z:z + LANES]) (1 where z > 0, else 0)."""
+
+    def codegen(context, builder, sig, args):
+        vt = _vector_type(context, ary.dtype)
+        dp = _element_vector(context, builder, ary, args[0], args[1])
+        dv = builder.load(dp, align=1)
+        zv = builder.load(
+            _element_vector(context, builder, ary, args[0], args[2]), align=1
+        )
+        builder.store(_relu_select(builder, zv, dv, vt), dp, align=1)
+        return context.get_dummy_value()
+
+    return types.void(ary, d, z), codegen
+
+
+@intrinsic
+def _copy_lanes(typingctx, dst_ary, dst, src_ary, src):
+    """dst_ary[dst:dst + LANES] = src_ary[src:src + LANES], one vector."""
+
+    def codegen(context, builder, sig, args):
+        v = builder.load(
+            _element_vector(context, builder, src_ary, args[2], args[3]), align=1
+        )
+        ptr = _element_vector(context, builder, dst_ary, args[0], args[1])
+        builder.store(v, ptr, align=1)
+        return context.get_dummy_value()
+
+    return types.void(dst_ary, dst, src_ary, src), codegen
+
+
+@intrinsic
 def _gather_lanes(typingctx, out, offset, x, rows, first, stride, column, count):
     """out[offset + l] = x[rows[first + l] * stride + column] for l < count.
 
@@ -392,15 +470,7 @@ def _gather_lanes(typingctx, out, offset, x, rows, first, stride, column, count)
 
 
 @njit(**JIT_INLINE)
-def _v_row(V, vrows, j):
-    # Offset of row j of V, directly or through the row indices ``vrows``.
-    if vrows is None:
-        return V[1] + j * V[2]
-    return V[1] + vrows[j] * V[2]
-
-
-@njit(**JIT_INLINE)
-def _tile8(out, r, c, init, C, V, vrows, nj):
+def _tile8(out, r, c, init, C, V, nj):
     # Rows r..r+7, columns c..c+LANES-1 of out = init + C V.
     o, oo, ld = out
     ca, co, cr, cj = C
@@ -410,7 +480,7 @@ def _tile8(out, r, c, init, C, V, vrows, nj):
         _tile_fill(tile, u, init[0][init[1] + r + u])
     for j in range(nj):
         cp = co + r * cr + j * cj
-        vp = _v_row(V, vrows, j) + c
+        vp = V[1] + j * V[2] + c
         _tile_fma(tile, 0, ca[cp], va, vp)
         _tile_fma(tile, 1, ca[cp + cr], va, vp)
         _tile_fma(tile, 2, ca[cp + 2 * cr], va, vp)
@@ -425,7 +495,7 @@ def _tile8(out, r, c, init, C, V, vrows, nj):
 
 
 @njit(**JIT_INLINE)
-def _tile4(out, r, c, init, C, V, vrows, nj):
+def _tile4(out, r, c, init, C, V, nj):
     # Rows r..r+3, columns c..c+LANES-1 of out = init + C V.
     o, oo, ld = out
     ca, co, cr, cj = C
@@ -437,7 +507,7 @@ def _tile4(out, r, c, init, C, V, vrows, nj):
     _tile_fill(tile, 3, init[0][init[1] + r + 3])
     for j in range(nj):
         cp = co + r * cr + j * cj
-        vp = _v_row(V, vrows, j) + c
+        vp = V[1] + j * V[2] + c
         _tile_fma(tile, 0, ca[cp], va, vp)
         _tile_fma(tile, 1, ca[cp + cr], va, vp)
         _tile_fma(tile, 2, ca[cp + 2 * cr], va, vp)
@@ -450,39 +520,39 @@ def _tile4(out, r, c, init, C, V, vrows, nj):
 
 
 @njit(**JIT_INLINE)
-def _tile1(out, r, c, init, C, V, vrows, nj):
+def _tile1(out, r, c, init, C, V, nj):
     # Row r, columns c..c+LANES-1 of out = init + C V.
     o, oo, ld = out
     ca, co, cr, cj = C
     tile = _tile_new(o)
     _tile_fill(tile, 0, init[0][init[1] + r])
     for j in range(nj):
-        _tile_fma(tile, 0, ca[co + r * cr + j * cj], V[0], _v_row(V, vrows, j) + c)
+        _tile_fma(tile, 0, ca[co + r * cr + j * cj], V[0], V[1] + j * V[2] + c)
     _tile_store(tile, 0, o, oo + r * ld + c)
 
 
 @njit(**JIT_INLINE)
-def matmul_rows(out, init, C, V, rows, cols, nj, vrows):
+def matmul_rows(out, init, C, V, rows, cols, nj):
     """Small matrix product by register tiles: out = init + C V.
 
     out[r, c] = init[r] + sum_{j < nj} C[r, j] V[j, c] for r < rows, c < cols,
     operands as described above.  ``C`` may have any strides (its entries are
-    broadcast); row j of ``V`` is row ``vrows[j]`` when ``vrows`` is not None.
+    broadcast).
     Columns beyond the last multiple of :data:`LANES` are summed one by one.
     """
     full = cols - cols % LANES
     r = 0
     while r + 8 <= rows:
         for c in range(0, full, LANES):
-            _tile8(out, r, c, init, C, V, vrows, nj)
+            _tile8(out, r, c, init, C, V, nj)
         r += 8
     if r + 4 <= rows:
         for c in range(0, full, LANES):
-            _tile4(out, r, c, init, C, V, vrows, nj)
+            _tile4(out, r, c, init, C, V, nj)
         r += 4
     while r < rows:
         for c in range(0, full, LANES):
-            _tile1(out, r, c, init, C, V, vrows, nj)
+            _tile1(out, r, c, init, C, V, nj)
         r += 1
 
     # columns left over: plain sums
@@ -492,7 +562,7 @@ def matmul_rows(out, init, C, V, rows, cols, nj, vrows):
         for c in range(full, cols):
             s = init[0][init[1] + r]
             for j in range(nj):
-                s += ca[co + r * cr + j * cj] * V[0][_v_row(V, vrows, j) + c]
+                s += ca[co + r * cr + j * cj] * V[0][V[1] + j * V[2] + c]
             o[oo + r * ld + c] = s
 
 
@@ -501,25 +571,47 @@ def matmul_rows(out, init, C, V, rows, cols, nj, vrows):
 
 @njit(**JIT)
 def _activate(work, z, a, count, code, slope):
-    # a = sigma(z) over ``count`` entries of the workspace.
+    # a = sigma(z) over ``count`` entries (a multiple of LANES), stored a vector
+    # at a time so that later vector loads of ``a`` read them without stalls.
     if code == RELU:
-        for m in range(count):
-            v = work[z + m]
-            work[a + m] = v if v > 0 else 0.0 * v
+        for m in range(0, count, LANES):
+            _relu_lanes(work, a + m, z + m)
     else:
-        for m in range(count):
-            work[a + m] = act(code, work[z + m], slope)
+        tile = _tile_new(work)
+        for m in range(0, count, LANES):
+            for lane in range(LANES):
+                _tile_set(tile, 0, lane, act(code, work[z + m + lane], slope))
+            _tile_store(tile, 0, work, a + m)
 
 
 @njit(**JIT)
 def _derivative(work, d, z, count, code, slope):
-    # d *= sigma'(z) over ``count`` entries of the workspace.
+    # d *= sigma'(z) over ``count`` entries (a multiple of LANES), by vectors.
     if code == RELU:
-        for m in range(count):
-            work[d + m] = work[d + m] if work[z + m] > 0 else 0.0 * work[d + m]
+        for m in range(0, count, LANES):
+            _relu_derivative_lanes(work, d + m, z + m)
     else:
-        for m in range(count):
-            work[d + m] *= dact(code, work[z + m], slope)
+        tile = _tile_new(work)
+        for m in range(0, count, LANES):
+            for lane in range(LANES):
+                v = work[d + m + lane] * dact(code, work[z + m + lane], slope)
+                _tile_set(tile, 0, lane, v)
+            _tile_store(tile, 0, work, d + m)
+
+
+@njit(**JIT)
+def _transpose(work, src, ld, dst, rows, cols):
+    # dst[c, r] = src[r, c] for r < rows, c < cols (src rows ``ld`` apart, dst
+    # rows ``rows`` apart), each dst row assembled and stored by vectors.
+    tile = _tile_new(work)
+    full = rows - rows % LANES
+    for c in range(cols):
+        for r0 in range(0, full, LANES):
+            for lane in range(LANES):
+                _tile_set(tile, 0, lane, work[src + (r0 + lane) * ld + c])
+            _tile_store(tile, 0, work, dst + c * rows + r0)
+        for r in range(full, rows):
+            work[dst + c * rows + r] = work[src + r * ld + c]
 
 
 @njit(**JIT)
@@ -580,38 +672,38 @@ def fused_gradient(theta, x, y, idx, nb, plan, fpar, work):
     n_out = _widths(plan, depth)
     bp = padded(nb)
     xT = _ws(plan, WS_XT)
+    xs = _ws(plan, WS_XS)
     grad = plan[PLAN_GRAD]
     zeros = (work, _ws(plan, WS_ZEROS))
 
-    # batch inputs, feature-major: xT[q, b] = x[idx[b], q], zero padding
+    # batch inputs: feature-major xT[q, b] = x[idx[b], q] with zero padding,
+    # and sample-major rows xs[b] = x[idx[b]]
     for b0 in range(0, bp, LANES):
+        count = min(LANES, nb - b0)
         for q in range(n0):
-            _gather_lanes(
-                work, xT + q * bp + b0, x, idx, b0, n0, q, min(LANES, nb - b0)
-            )
+            _gather_lanes(work, xT + q * bp + b0, x, idx, b0, n0, q, count)
+    full = n0 - n0 % LANES
+    for b in range(nb):
+        src = idx[b] * n0
+        for q in range(0, full, LANES):
+            _copy_lanes(work, xs + b * n0 + q, x, src + q)
+        for q in range(full, n0):
+            work[xs + b * n0 + q] = x[src + q]
 
     # forward pass: zT = W aT_prev + b, aT = sigma(zT), a_s = aT transposed
     prev = xT
     for l in range(depth):
         n, k = _widths(plan, l + 1), _widths(plan, l)
         zT = _ws(plan, WS_LAYERS + WS_PER_LAYER * l)
+        W = (theta, _w_off(plan, l), k, 1)
         matmul_rows(
-            (work, zT, bp),
-            (theta, _b_off(plan, l)),
-            (theta, _w_off(plan, l), k, 1),
-            (work, prev, bp),
-            n,
-            bp,
-            k,
-            None,
+            (work, zT, bp), (theta, _b_off(plan, l)), W, (work, prev, bp), n, bp, k
         )
         if l < depth - 1:
             aT = _ws(plan, WS_LAYERS + WS_PER_LAYER * l + 1)
             a_s = _ws(plan, WS_LAYERS + WS_PER_LAYER * l + 2)
             _activate(work, zT, aT, n * bp, code, slope)
-            for b in range(nb):
-                for i in range(n):
-                    work[a_s + b * n + i] = work[aT + i * bp + b]
+            _transpose(work, aT, bp, a_s, n, nb)
             prev = aT
 
     # loss and error factor of the output layer
@@ -626,15 +718,17 @@ def fused_gradient(theta, x, y, idx, nb, plan, fpar, work):
     for l in range(depth - 1, -1, -1):
         n, k = _widths(plan, l + 1), _widths(plan, l)
 
-        # dL/dW = dT[:, :nb] a_prev (sample-major rows; x rows for the inputs)
-        out = (work, grad + _w_off(plan, l), k)
-        if l == 0:
-            matmul_rows(out, zeros, (work, dT, bp, 1), (x, 0, n0), n, k, nb, idx)
-        else:
-            a_prev = _ws(plan, WS_LAYERS + WS_PER_LAYER * (l - 1) + 2)
-            matmul_rows(
-                out, zeros, (work, dT, bp, 1), (work, a_prev, k), n, k, nb, None
-            )
+        # dL/dW = dT[:, :nb] a_prev, a_prev sample-major
+        a_prev = xs if l == 0 else _ws(plan, WS_LAYERS + WS_PER_LAYER * (l - 1) + 2)
+        matmul_rows(
+            (work, grad + _w_off(plan, l), k),
+            zeros,
+            (work, dT, bp, 1),
+            (work, a_prev, k),
+            n,
+            k,
+            nb,
+        )
 
         # dL/db = row sums of dT
         gb = grad + _b_off(plan, l)
@@ -648,16 +742,8 @@ def fused_gradient(theta, x, y, idx, nb, plan, fpar, work):
         if l > 0:
             nxt = _ws(plan, WS_D1 if (depth - l) % 2 == 1 else WS_D0)
             zp = _ws(plan, WS_LAYERS + WS_PER_LAYER * (l - 1))
-            matmul_rows(
-                (work, nxt, bp),
-                zeros,
-                (theta, _w_off(plan, l), 1, k),
-                (work, dT, bp),
-                k,
-                bp,
-                n,
-                None,
-            )
+            WT = (theta, _w_off(plan, l), 1, k)
+            matmul_rows((work, nxt, bp), zeros, WT, (work, dT, bp), k, bp, n)
             _derivative(work, nxt, zp, k * bp, code, slope)
             dT = nxt
     return value
