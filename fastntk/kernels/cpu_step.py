@@ -654,17 +654,9 @@ def _loss_columns(work, z, bp, y, idx, nb, n_out, loss, scale, d):
 
 
 @njit(**JIT)
-def fused_gradient(theta, x, y, idx, nb, plan, fpar, work):
-    """Loss of the batch ``idx[:nb]`` and its gradient, in one pass.
-
-    Returns the loss (with the plan's reduction over the batch) and leaves the
-    gradient dL/dtheta in the workspace at :func:`gradient_offset`; when the
-    loss is not finite the backward pass is skipped.  ``x`` (P, n_0) and ``y``
-    (P, n_L) are flat; ``fpar[0]`` is the leaky-ReLU slope.
-
-    Activations are feature-major, the batch padded with zero columns to
-    ``bp``, a multiple of :data:`LANES`: zT[i, b] at ``zT + i bp + b``.
-    """
+def _fused_forward(theta, x, y, idx, nb, plan, fpar, work, scale):
+    # Forward pass of the batch idx[:nb] and its loss (times ``scale``); leaves
+    # the activations and the output error factor in the workspace.
     depth = plan[PLAN_DEPTH]
     code = plan[PLAN_ACTIVATION]
     slope = fpar[0]
@@ -673,8 +665,6 @@ def fused_gradient(theta, x, y, idx, nb, plan, fpar, work):
     bp = padded(nb)
     xT = _ws(plan, WS_XT)
     xs = _ws(plan, WS_XS)
-    grad = plan[PLAN_GRAD]
-    zeros = (work, _ws(plan, WS_ZEROS))
 
     # batch inputs: feature-major xT[q, b] = x[idx[b], q] with zero padding,
     # and sample-major rows xs[b] = x[idx[b]]
@@ -707,12 +697,36 @@ def fused_gradient(theta, x, y, idx, nb, plan, fpar, work):
             prev = aT
 
     # loss and error factor of the output layer
-    scale = 1.0 / nb if plan[PLAN_MEAN] else 1.0
     zL = _ws(plan, WS_LAYERS + WS_PER_LAYER * (depth - 1))
-    dT = _ws(plan, WS_D0)
-    value = _loss_columns(work, zL, bp, y, idx, nb, n_out, plan[PLAN_LOSS], scale, dT)
+    return _loss_columns(
+        work, zL, bp, y, idx, nb, n_out, plan[PLAN_LOSS], scale, _ws(plan, WS_D0)
+    )
+
+
+@njit(**JIT)
+def fused_gradient(theta, x, y, idx, nb, plan, fpar, work):
+    """Loss of the batch ``idx[:nb]`` and its gradient, in one pass.
+
+    Returns the loss (with the plan's reduction over the batch) and leaves the
+    gradient dL/dtheta in the workspace at :func:`gradient_offset`; when the
+    loss is not finite the backward pass is skipped.  ``x`` (P, n_0) and ``y``
+    (P, n_L) are flat; ``fpar[0]`` is the leaky-ReLU slope.
+
+    Activations are feature-major, the batch padded with zero columns to
+    ``bp``, a multiple of :data:`LANES`: zT[i, b] at ``zT + i bp + b``.
+    """
+    depth = plan[PLAN_DEPTH]
+    code = plan[PLAN_ACTIVATION]
+    slope = fpar[0]
+    bp = padded(nb)
+    xs = _ws(plan, WS_XS)
+    grad = plan[PLAN_GRAD]
+    zeros = (work, _ws(plan, WS_ZEROS))
+    scale = 1.0 / nb if plan[PLAN_MEAN] else 1.0
+    value = _fused_forward(theta, x, y, idx, nb, plan, fpar, work, scale)
     if not np.isfinite(value):
         return value
+    dT = _ws(plan, WS_D0)
 
     # backward pass: weight and bias gradients, then the error one layer down
     for l in range(depth - 1, -1, -1):
@@ -747,6 +761,22 @@ def fused_gradient(theta, x, y, idx, nb, plan, fpar, work):
             _derivative(work, nxt, zp, k * bp, code, slope)
             dT = nxt
     return value
+
+
+@njit(**JIT)
+def fused_loss(theta, x, y, n_rows, plan, fpar, work):
+    """Summed loss over the ``n_rows`` rows of x and y (flat), by batches.
+
+    Runs the forward pass of :func:`fused_gradient` on consecutive batches of
+    ``plan[PLAN_BATCH]`` rows; the caller applies the mean reduction.
+    """
+    batch = plan[PLAN_BATCH]
+    rows = np.arange(n_rows)
+    total = 0.0
+    for start in range(0, n_rows, batch):
+        nb = min(batch, n_rows - start)
+        total += _fused_forward(theta, x, y, rows[start:], nb, plan, fpar, work, 1.0)
+    return total
 
 
 def gradient_offset(plan):
