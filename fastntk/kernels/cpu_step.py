@@ -78,17 +78,20 @@ PLAN_HEADER = 13
 WS_XT, WS_XS, WS_GRAD, WS_D0, WS_D1, WS_ZEROS, WS_LAYERS = range(7)
 WS_PER_LAYER = 3
 
-# Workspace blocks of one part of the BLAS kernel (after the gradient): the
-# gathered rows, two error buffers, the part's gradient and a scratch block for
-# weight gradients, then per layer the preactivations and activations.
-BW_X, BW_Y, BW_D0, BW_D1, BW_GRAD, BW_SCRATCH, BW_LAYERS = range(7)
+# Workspace of the BLAS kernel: the gradient, then one region per part.  The
+# plan holds the start of the first region and the distance between regions,
+# then the offsets within a region of: the gathered rows, two error buffers,
+# the part's gradient, a scratch block for weight gradients, and per layer the
+# preactivations and activations.
+BW_START, BW_STRIDE = 0, 1
+BW_X, BW_Y, BW_D0, BW_D1, BW_GRAD, BW_SCRATCH, BW_LAYERS = range(2, 9)
 
 
 @njit(**JIT)
 def plan_length(depth):
     """Entries of the plan of a network of ``depth`` layers (either kernel)."""
     fused = WS_LAYERS + WS_PER_LAYER * depth
-    blas = 2 + BW_LAYERS + 2 * depth
+    blas = BW_LAYERS + 2 * depth
     return PLAN_HEADER + 3 * depth + 1 + max(fused, blas)
 
 
@@ -913,8 +916,8 @@ def _blas_rows(theta, xb, yb, m, plan, slope, scale, work, part, first):
     depth = plan[PLAN_DEPTH]
     code = plan[PLAN_ACTIVATION]
     n_out = _widths(plan, depth)
-    gpart = part + _ws(plan, 2 + BW_GRAD)
-    scratch = part + _ws(plan, 2 + BW_SCRATCH)
+    gpart = part + _ws(plan, BW_GRAD)
+    scratch = part + _ws(plan, BW_SCRATCH)
 
     # forward pass: z = a_prev W^T (BLAS), then bias and sigma
     a_prev = xb
@@ -922,8 +925,8 @@ def _blas_rows(theta, xb, yb, m, plan, slope, scale, work, part, first):
         n, k = _widths(plan, l + 1), _widths(plan, l)
         w0, b0 = _w_off(plan, l), _b_off(plan, l)
         W = theta[w0 : w0 + n * k].reshape((n, k))
-        zo = part + _ws(plan, 2 + BW_LAYERS + l)
-        ao = part + _ws(plan, 2 + BW_LAYERS + depth + l)
+        zo = part + _ws(plan, BW_LAYERS + l)
+        ao = part + _ws(plan, BW_LAYERS + depth + l)
         z = work[zo : zo + m * n].reshape((m, n))
         np.dot(a_prev, W.T, z)
         bias_activate(
@@ -932,9 +935,9 @@ def _blas_rows(theta, xb, yb, m, plan, slope, scale, work, part, first):
         a_prev = work[ao : ao + m * n].reshape((m, n))
 
     # loss and error factor of the output layer
-    zL = part + _ws(plan, 2 + BW_LAYERS + depth - 1)
-    d = part + _ws(plan, 2 + BW_D0)
-    other = part + _ws(plan, 2 + BW_D1)
+    zL = part + _ws(plan, BW_LAYERS + depth - 1)
+    d = part + _ws(plan, BW_D0)
+    other = part + _ws(plan, BW_D1)
     gbL = gpart + _b_off(plan, depth - 1)
     value = loss_rows(
         work[zL:],
@@ -957,7 +960,7 @@ def _blas_rows(theta, xb, yb, m, plan, slope, scale, work, part, first):
         if l == 0:
             a_prev = xb
         else:
-            ao = part + _ws(plan, 2 + BW_LAYERS + depth + l - 1)
+            ao = part + _ws(plan, BW_LAYERS + depth + l - 1)
             a_prev = work[ao : ao + m * k].reshape((m, k))
         gW = work[gpart + w0 : gpart + w0 + n * k]
         if first:
@@ -970,7 +973,7 @@ def _blas_rows(theta, xb, yb, m, plan, slope, scale, work, part, first):
         if l > 0:
             W = theta[w0 : w0 + n * k].reshape((n, k))
             np.dot(delta, W, work[other : other + m * k].reshape((m, k)))
-            zp = part + _ws(plan, 2 + BW_LAYERS + l - 1)
+            zp = part + _ws(plan, BW_LAYERS + l - 1)
             gb = gpart + _b_off(plan, l - 1)
             times_derivative(
                 work[other:], work[zp:], m, k, code, slope, work[gb:], not first
@@ -996,15 +999,15 @@ def blas_gradient(theta, x, y, idx, nb, plan, fpar, work):
     n_params = plan[PLAN_N_PARAMS]
     parts = min(plan[PLAN_PARTS], nb)
     block = plan[PLAN_BLOCK]
-    stride = _ws(plan, 1)
+    stride = _ws(plan, BW_STRIDE)
     gather = plan[PLAN_GATHER] != 0
     slope = fpar[0]
     scale = 1.0 / nb if plan[PLAN_MEAN] else 1.0
     losses = np.zeros(parts)
     for p in prange(parts):
-        part = _ws(plan, 0) + p * stride
-        xo = part + _ws(plan, 2 + BW_X)
-        yo = part + _ws(plan, 2 + BW_Y)
+        part = _ws(plan, BW_START) + p * stride
+        xo = part + _ws(plan, BW_X)
+        yo = part + _ws(plan, BW_Y)
         lo = p * nb // parts
         hi = (p + 1) * nb // parts
         start = lo
@@ -1036,7 +1039,7 @@ def blas_gradient(theta, x, y, idx, nb, plan, fpar, work):
     if not np.isfinite(value):
         return value
     grad = plan[PLAN_GRAD]
-    g0 = _ws(plan, 0) + _ws(plan, 2 + BW_GRAD)
+    g0 = _ws(plan, BW_START) + _ws(plan, BW_GRAD)
     for q in range(n_params):
         work[grad + q] = work[g0 + q]
     for p in range(1, parts):
