@@ -404,10 +404,13 @@ def test_callback_stops_training(rng):
 # -- determinism and checkpoints -------------------------------------------------
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("batch_size", [None, 3])
-def test_same_seed_bit_identical(rng, batch_size):
+def test_same_seed_bit_identical(rng, batch_size, kernel):
     net, params, x, y = _problem(rng)
-    kw = dict(loss="mse", lr=0.05, steps=13, batch_size=batch_size, seed=4)
+    kw = dict(
+        loss="mse", lr=0.05, steps=13, batch_size=batch_size, seed=4, kernel=kernel
+    )
     a, _ = fastntk.train(net, params, x, y, **kw)
     b, _ = fastntk.train(net, params, x, y, **kw)
     np.testing.assert_array_equal(a.theta, b.theta)
@@ -416,11 +419,21 @@ def test_same_seed_bit_identical(rng, batch_size):
         assert not np.array_equal(a.theta, c.theta)
 
 
-@pytest.mark.parametrize("batch_size,stop", [(None, 7), (3, 7), (3, 8), (4, 12)])
-def test_checkpoint_resume_bit_identical(rng, tmp_path, batch_size, stop):
+@pytest.mark.parametrize(
+    "batch_size,stop,kernel",
+    [
+        (None, 7, "fused"),
+        (3, 7, "fused"),
+        (3, 8, "blas"),
+        (4, 12, "fused"),
+        (None, 5, "blas"),
+    ],
+)
+def test_checkpoint_resume_bit_identical(rng, tmp_path, batch_size, stop, kernel):
     net, params, x, y = _problem(rng)
     path = tmp_path / "run.npz"
     kw = dict(
+        kernel=kernel,
         loss="mse",
         lr=0.05,
         batch_size=batch_size,

@@ -403,6 +403,42 @@ def _copy_lanes(typingctx, dst_ary, dst, src_ary, src):
 
 
 @intrinsic
+def _step_lanes(typingctx, new, theta, grad, coef, rate, offset, diagonal):
+    """new[o:o+LANES] = theta[o:o+LANES] - r * grad[o:o+LANES], o = offset.
+
+    r is ``rate[o:o+LANES]`` when ``diagonal`` (a literal bool), else ``coef``.
+    """
+    diag = getattr(diagonal, "literal_value", None)
+    if diag is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        new_v, theta_v, grad_v, coef_v, rate_v, off_v, _ = args
+        dt = new.dtype
+        vt = _vector_type(context, dt)
+        t = builder.load(
+            _element_vector(context, builder, theta, theta_v, off_v), align=1
+        )
+        g = builder.load(
+            _element_vector(context, builder, grad, grad_v, off_v), align=1
+        )
+        if diag:
+            r = builder.load(
+                _element_vector(context, builder, rate, rate_v, off_v), align=1
+            )
+        else:
+            r = _splat(builder, context.cast(builder, coef_v, coef, dt), vt)
+        out = builder.fsub(t, builder.fmul(r, g))
+        builder.store(
+            out, _element_vector(context, builder, new, new_v, off_v), align=1
+        )
+        return context.get_dummy_value()
+
+    sig = types.void(new, theta, grad, coef, rate, offset, diagonal)
+    return sig, codegen
+
+
+@intrinsic
 def _gather_lanes(typingctx, out, offset, x, rows, first, stride, column, count):
     """out[offset + l] = x[rows[first + l] * stride + column] for l < count.
 
@@ -887,13 +923,19 @@ def update(theta, new, grad, n, kind, rate):
     """new = theta - step: step = rate[0] grad, rate * grad, or ``new`` itself.
 
     For a dense tensor the caller has already written R grad into ``new``.
+    Whole vectors first, then the entries left over.
     """
+    full = n - n % LANES
     if kind == UPDATE_SCALAR:
         c = rate[0]
-        for m in range(n):
+        for m in range(0, full, LANES):
+            _step_lanes(new, theta, grad, c, rate, m, False)
+        for m in range(full, n):
             new[m] = theta[m] - c * grad[m]
     elif kind == UPDATE_DIAGONAL:
-        for m in range(n):
+        for m in range(0, full, LANES):
+            _step_lanes(new, theta, grad, 0.0, rate, m, True)
+        for m in range(full, n):
             new[m] = theta[m] - rate[m] * grad[m]
     else:
         for m in range(n):
