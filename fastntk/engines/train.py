@@ -853,6 +853,7 @@ class _Stepper:
             parts=numba.get_num_threads(),
             block=BLAS_BLOCK,
             gather=a.batch_size is not None,
+            itemsize=dtype.itemsize,
         )
         grad = cpu_step.gradient_offset(self.plan)
         addresses = cpu_step.addresses(dtype)

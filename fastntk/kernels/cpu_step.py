@@ -122,12 +122,25 @@ def padded(n):
     return -(-n // LANES) * LANES
 
 
-def _layout(sizes):
-    # Offsets of consecutive blocks, each rounded up to a multiple of LANES
-    # entries plus one vector, so that no two blocks start a multiple of 4 KiB
-    # apart (loads and stores at such distances falsely depend on each other).
-    offsets = np.cumsum([0] + [padded(s) + LANES for s in sizes])
-    return offsets[:-1].tolist(), int(offsets[-1])
+#: Bytes between the page offsets (addresses modulo 4 KiB) of consecutive
+#: workspace blocks.  A load and an earlier store whose addresses agree modulo
+#: 4 KiB are treated as dependent by the CPU until the store's full address is
+#: known; loops that read one block and write another at the same index stall
+#: on every iteration when the blocks start a multiple of 4 KiB apart.
+STAGGER = 1088
+
+
+def _layout(sizes, itemsize, first=0):
+    # Offsets (entries) of consecutive blocks of the given sizes; block k
+    # starts at a page offset of (first + k) STAGGER bytes, and on a vector
+    # boundary.  Returns the offsets and the total length.
+    offsets, pos = [], 0
+    for k, size in enumerate(sizes):
+        target = ((first + k) * STAGGER) % 4096
+        pos += ((target - pos * itemsize) % 4096) // itemsize
+        offsets.append(pos)
+        pos += padded(size)
+    return offsets, pos
 
 
 def make_plan(
@@ -142,6 +155,7 @@ def make_plan(
     parts=1,
     block=None,
     gather=True,
+    itemsize=8,
 ):
     """The int64 plan of a step and the length of its workspace.
 
@@ -169,6 +183,8 @@ def make_plan(
     gather : bool
         BLAS kernel: steps use gathered rows ``x[idx]`` (False: the first rows
         of ``x`` in order, full-batch descent without copies).
+    itemsize : int
+        Bytes per entry (8 or 4), for the placement of the workspace blocks.
 
     Returns
     -------
@@ -199,7 +215,7 @@ def make_plan(
         ]
         for n in widths[1:]:
             sizes += [n * bp, n * bp, batch * n]
-        offsets, size = _layout(sizes)
+        offsets, size = _layout(sizes, itemsize)
         grad = offsets[WS_GRAD]
         parts, block = 1, batch
     else:
@@ -216,11 +232,16 @@ def make_plan(
             wsq,
         ]
         sizes += [block * n for n in widths[1:]] * 2
-        part_offsets, part_size = _layout(sizes)
         grad = 0
-        first = padded(n_params) + LANES
-        offsets = [first, part_size] + part_offsets
-        size = first + parts * part_size
+
+        # one region per part, each starting on a page boundary (parts run on
+        # different threads; what matters is the stagger within a part)
+        page = 4096 // itemsize
+        part_offsets, part_size = _layout(sizes, itemsize, 1)
+        first = -(-n_params // page) * page
+        stride = -(-part_size // page) * page
+        offsets = [first, stride] + part_offsets
+        size = first + parts * stride
     header = [
         depth,
         activation_code,
