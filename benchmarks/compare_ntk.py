@@ -39,6 +39,7 @@ samples.  The slow Jacobian contenders run ``--slow-repeat`` times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -441,7 +442,7 @@ def main(argv=None):
     )
     parser.add_argument("--d-samples", type=int, default=WORKLOADS["D"]["P"])
     parser.add_argument("--json", default=None, help="also write the rows here")
-    opts = parser.parse_args(argv)  # fmt: skip
+    opts = parser.parse_args(argv)
 
     if opts.torch and opts.threads is not None:
         try:
@@ -450,15 +451,14 @@ def main(argv=None):
             torch.set_num_threads(opts.threads)
         except ImportError:
             pass
-    rows = []
-    for name in opts.workloads.split(","):
-        if name == "D":
-            rows += bench_d(opts)
-        else:
-            for dtype in opts.dtypes.split(","):
-                rows += bench(name, np.dtype(dtype), opts)
-        print(format_table(rows), file=sys.stderr, flush=True)
-        print(file=sys.stderr)
+    limits = contextlib.nullcontext()
+    if opts.threads is not None:
+        # every contender and the GEMM rate with the same thread count
+        from threadpoolctl import threadpool_limits
+
+        limits = threadpool_limits(opts.threads)
+    with limits:
+        rows = run(opts)
     print(format_table(rows))
     if opts.json:
         with open(opts.json, "w") as fh:
@@ -468,6 +468,19 @@ def main(argv=None):
         f"\npeak RSS of this process: {peak:.2f} GiB; numpy {np.__version__}, "
         f"fastntk {fastntk.__version__}, threads {opts.threads or 'default'}"
     )
+
+
+def run(opts):
+    rows = []
+    for name in opts.workloads.split(","):
+        if name == "D":
+            rows += bench_d(opts)
+        else:
+            for dtype in opts.dtypes.split(","):
+                rows += bench(name, np.dtype(dtype), opts)
+        print(format_table(rows), file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+    return rows
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from numba import njit, prange, types
 from numba.extending import get_cython_function_address, intrinsic
 
 from fastntk._config import JIT, JIT_PARALLEL, SAMPLE_BLOCK
-from fastntk.kernels.activations import act, dact
+from fastntk.kernels.activations import RELU, act, dact
 
 #: Output modes of the kernels.
 FULL, TRACE, DIAGONAL = 0, 1, 2
@@ -159,13 +159,23 @@ def weight_offsets(widths):
 
 @njit(**JIT)
 def _activate(z, b, a, d, code, slope):
-    # a = sigma(z + b) and d = sigma'(z + b), row by row.
+    # a = sigma(z + b) and d = sigma'(z + b), row by row; relu, the common
+    # case, in a branch-free loop that vectorizes.
     m, n = z.shape
+    one = b[0] - b[0] + 1
     for p in range(m):
-        for j in range(n):
-            v = z[p, j] + b[j]
-            a[p, j] = act(code, v, slope)
-            d[p, j] = dact(code, v, slope)
+        zr, ar, dr = z[p], a[p], d[p]
+        if code == RELU:
+            for j in range(n):
+                v = zr[j] + b[j]
+                pos = v > 0
+                ar[j] = v if pos else 0 * v
+                dr[j] = one if pos else 0 * one
+        else:
+            for j in range(n):
+                v = zr[j] + b[j]
+                ar[j] = act(code, v, slope)
+                dr[j] = dact(code, v, slope)
 
 
 @njit(**JIT)
@@ -173,9 +183,11 @@ def _last_derivatives(W, d, g):
     # g[p, i, j] = W[i, j] d[p, j]: derivatives of the outputs w.r.t. z^(L-1).
     m, n_out, n = g.shape
     for p in range(m):
+        dr = d[p]
         for i in range(n_out):
+            gr, wr = g[p, i], W[i]
             for j in range(n):
-                g[p, i, j] = W[i, j] * d[p, j]
+                gr[j] = wr[j] * dr[j]
 
 
 @njit(**JIT)
@@ -183,9 +195,11 @@ def _scale_columns(g, d):
     # g[p, i, q] *= d[p, q]
     m, n_out, k = g.shape
     for p in range(m):
+        dr = d[p]
         for i in range(n_out):
+            gr = g[p, i]
             for q in range(k):
-                g[p, i, q] *= d[p, q]
+                gr[q] *= dr[q]
 
 
 @njit(**JIT)
@@ -276,131 +290,158 @@ def features(theta, widths, x, code, slope, acts, grads, n_threads):
 def _combine(acc, A, G, shape, rate, how):
     """Fused pass over one tile: acc (+)= (bias + weight A) * G.
 
-    shape = (tm, tn, q, upper): the tile's rows and columns, values per pair,
-    and whether only its upper triangle (b >= a) is needed (a tile on the
-    diagonal of a symmetric kernel, where A and G hold upper triangles only).
-    rate = (bias, weight, n_out) in acc's dtype; how = (mode, assign, identity):
-    output mode, whether to overwrite rather than add, and whether G is the
-    identity (the last layer).  acc is (tm, tn, q) flat; A is (tm, tn) flat; G
-    is flat with layout (tm * n_out, tn * n_out) full, (tm, tn) trace,
-    (n_out, tm, tn) diagonal.
+    acc has the layout of G: (tm * n_out, tn * n_out) full, (tm, tn) trace,
+    (n_out, tm, tn) diagonal, flat; A is (tm, tn) flat.  shape = (tm, tn,
+    upper): the tile's rows and columns, and whether only its upper triangle is
+    needed (a tile on the diagonal of a symmetric kernel, where A and G hold
+    upper triangles only; entries below are left undefined).  rate = (bias,
+    weight, n_out) in acc's dtype; how = (mode, assign, identity): output mode,
+    whether to overwrite rather than add, and whether G is the identity (the
+    last layer).  Every loop runs along a contiguous row from index 0, so that
+    it vectorizes.
     """
-    tm, tn, q, upper = shape
+    tm, tn, upper = shape
     bias, weight, n_outf = rate[0], rate[1], rate[2]
     mode, assign, identity = how
     n_out = int(n_outf + 0.5)
+    # layer factor of the input Gram, one row at a time, expanded to the
+    # columns (b, j) of G in full mode
+    width = tn * n_out if mode == FULL else tn
+    c = np.empty(width, dtype=acc.dtype)
     for a in range(tm):
-        # row a of acc, A and G from column b_lo on (slices starting at b_lo,
-        # with loops from 0, let the loops vectorize)
         b_lo = a if upper else 0
-        w = tn - b_lo
-        h = acc[(a * tn + b_lo) * q : (a + 1) * tn * q]
-        ar = A[a * tn + b_lo : (a + 1) * tn]
-        if mode == TRACE:
-            # H[a, b] (+)= c_ab G[a, b], with G = n_out on the last layer
-            gr = G[a * tn + b_lo : (a + 1) * tn]
-            if identity and assign:
-                for b in range(w):
-                    h[b] = (bias + weight * ar[b]) * n_outf
-            elif identity:
-                for b in range(w):
-                    h[b] += (bias + weight * ar[b]) * n_outf
-            elif assign:
-                for b in range(w):
-                    h[b] = (bias + weight * ar[b]) * gr[b]
-            else:
-                for b in range(w):
-                    h[b] += (bias + weight * ar[b]) * gr[b]
-        elif mode == DIAGONAL:
-            # H[a, b, i] (+)= c_ab G_i[a, b], with G_i = 1 on the last layer
-            for i in range(n_out):
-                g0 = (i * tm + a) * tn + b_lo
-                gr = G[g0 : g0 + w]
-                for b in range(w):
-                    cab = bias + weight * ar[b]
-                    v = cab if identity else cab * gr[b]
-                    h[b * q + i] = v if assign else h[b * q + i] + v
+        ar = A[a * tn : (a + 1) * tn]
+        if mode == FULL:
+            for b in range(tn):
+                cab = bias + weight * ar[b]
+                for j in range(n_out):
+                    c[b * n_out + j] = cab
         else:
-            # H[a, b, i, j] (+)= c_ab G[(a, i), (b, j)], G = delta_ij on the last
-            ldg = tn * n_out
-            for i in range(n_out):
-                g0 = (a * n_out + i) * ldg + b_lo * n_out
-                gr = G[g0 : g0 + w * n_out]
-                for b in range(w):
-                    cab = bias + weight * ar[b]
-                    for j in range(n_out):
-                        if identity:
-                            v = cab if i == j else cab - cab
-                        elif b == 0 and upper and j < i:
-                            # lower triangle of a diagonal block: G is symmetric
-                            v = cab * G[(a * n_out + j) * ldg + a * n_out + i]
-                        else:
-                            v = cab * gr[b * n_out + j]
-                        k = b * q + i * n_out + j
-                        h[k] = v if assign else h[k] + v
+            for b in range(tn):
+                c[b] = bias + weight * ar[b]
+        lo = b_lo * n_out if mode == FULL else b_lo
+        cr = c[lo:]
+        n_rows = n_out if mode != TRACE else 1
+        for i in range(n_rows):
+            # row (a, i) of acc and G: (a * n_out + i) in full mode, (i, a) in
+            # diagonal mode, a in trace mode
+            if mode == FULL:
+                r = (a * n_out + i) * width
+            elif mode == DIAGONAL:
+                r = (i * tm + a) * width
+            else:
+                r = a * width
+            h = acc[r + lo : r + width]
+            if identity:
+                # G = delta_ij (full), 1 (diagonal), n_out (trace)
+                if mode == FULL:
+                    if assign:
+                        h[:] = 0
+                    for b in range(b_lo, tn):
+                        h[(b - b_lo) * n_out + i] += c[b * n_out + i]
+                elif mode == TRACE:
+                    for t in range(cr.shape[0]):
+                        v = cr[t] * n_outf
+                        h[t] = v if assign else h[t] + v
+                elif assign:
+                    h[:] = cr
+                else:
+                    for t in range(cr.shape[0]):
+                        h[t] += cr[t]
+                continue
+            gr = G[r + lo : r + width]
+            if assign:
+                for t in range(cr.shape[0]):
+                    h[t] = cr[t] * gr[t]
+            else:
+                for t in range(cr.shape[0]):
+                    h[t] += cr[t] * gr[t]
 
 
 @njit(**JIT)
-def _store_transposed(H, slot, row0, col0, acc, shape, full, strict):
-    # H[slot, row0 + b, col0 + a] = acc[a, b] (output indices swapped when full)
-    # for a tile acc of shape (tm, tn, q); with ``strict`` only for a < b.
-    # Columns of acc go 16 at a time through a small transposed buffer, so that
-    # both acc and H are read and written along their rows.
-    tm, tn, q = shape
-    _, P1, P2, _ = H.shape
-    n_out = int(np.sqrt(q) + 0.5) if full else 1
+def _store(H, slot, pos, acc, mirror, mode):
+    """Copy a finished tile from acc (G's layout) into H, and its mirror image.
+
+    pos = (r0, c0, tm, tn, upper): the tile's rows and columns in H and whether
+    only its upper triangle was computed (then its lower triangle, and the
+    outputs below the diagonal of its diagonal pairs, are filled from their
+    symmetric counterparts).  With ``mirror`` (a symmetric kernel) the tile is
+    also written transposed at (c0, r0), output indices swapped.
+    """
+    r0, c0, tm, tn, upper = pos
+    _, P1, P2, q = H.shape
+    n_out = int(np.sqrt(q) + 0.5) if mode == FULL else q
+    ldg = tn * n_out
+    Hf = H.reshape(-1)
+
+    # the tile, row by row (from the diagonal on for an upper-only tile)
+    for a in range(tm):
+        lo = a if upper else 0
+        base = ((slot * P1 + r0 + a) * P2 + c0) * q
+        h = Hf[base : base + tn * q]
+        if mode == TRACE:
+            h[lo:] = acc[a * tn + lo : (a + 1) * tn]
+        elif mode == DIAGONAL:
+            # H[a, b, i] = acc[i, a, b]
+            for i in range(n_out):
+                src = acc[(i * tm + a) * tn : (i * tm + a + 1) * tn]
+                for b in range(lo, tn):
+                    h[b * q + i] = src[b]
+        else:
+            # H[a, b, i, j] = acc[(a, i), (b, j)]
+            h3 = h.reshape((tn, n_out, n_out))
+            for i in range(n_out):
+                src = acc[(a * n_out + i) * ldg : (a * n_out + i + 1) * ldg]
+                h3[lo:, i, :] = src.reshape((tn, n_out))[lo:, :]
+            if upper:
+                # H[a, a, i, j] = H[a, a, j, i] below the computed triangle
+                for i in range(n_out):
+                    for j in range(i):
+                        h[a * q + i * n_out + j] = h[a * q + j * n_out + i]
+    if upper:
+        # strict lower triangle of a diagonal tile, from the upper one
+        _store_transposed(H, slot, r0, c0, acc, (tm, tn), mode, True)
+    elif mirror:
+        _store_transposed(H, slot, c0, r0, acc, (tm, tn), mode, False)
+
+
+@njit(**JIT)
+def _store_transposed(H, slot, row0, col0, acc, shape, mode, strict):
+    # H[slot, row0 + b, col0 + a] = value (a, b) of acc, output indices swapped,
+    # for a < b only with ``strict``.  Columns of acc go 16 at a time through a
+    # small transposed buffer, so that H is written along its rows.
+    tm, tn = shape
+    _, P1, P2, q = H.shape
+    n_out = int(np.sqrt(q) + 0.5) if mode == FULL else q
+    ldg = tn * n_out
     Hf = H.reshape(-1)
     tbuf = np.empty((16, tm * q), dtype=acc.dtype)
-    a2 = acc[: tm * tn * q].reshape((tm, tn * q))
     for b0 in range(0, tn, 16):
         nb = min(16, tn - b0)
         rows = min(tm, b0 + nb) if strict else tm
-        # tbuf[bb, a] = acc[a, b0 + bb]
-        if q == 1:
-            for a in range(rows):
+        # tbuf[bb, a] = value (a, b0 + bb), outputs swapped
+        for a in range(rows):
+            if mode == TRACE:
+                src = acc[a * tn + b0 : a * tn + b0 + nb]
                 for bb in range(nb):
-                    tbuf[bb, a] = a2[a, b0 + bb]
-        else:
-            for a in range(rows):
-                for bb in range(nb):
-                    for i in range(n_out if full else q):
-                        for j in range(n_out if full else 1):
-                            if full:
-                                tbuf[bb, a * q + j * n_out + i] = a2[
-                                    a, (b0 + bb) * q + i * n_out + j
-                                ]
-                            else:
-                                tbuf[bb, a * q + i] = a2[a, (b0 + bb) * q + i]
+                    tbuf[bb, a] = src[bb]
+            elif mode == DIAGONAL:
+                for i in range(n_out):
+                    src = acc[(i * tm + a) * tn + b0 : (i * tm + a) * tn + b0 + nb]
+                    for bb in range(nb):
+                        tbuf[bb, a * q + i] = src[bb]
+            else:
+                # H[b, a, j, i] = acc[(a, i), (b, j)]
+                t4 = tbuf.reshape((16, tm, n_out, n_out))
+                for i in range(n_out):
+                    r = (a * n_out + i) * ldg + b0 * n_out
+                    t4[:nb, a, :, i] = acc[r : r + nb * n_out].reshape((nb, n_out))
         # row row0 + b of H, columns col0 .. col0 + stop
         for bb in range(nb):
             b = b0 + bb
             stop = b if strict else tm
             base = ((slot * P1 + row0 + b) * P2 + col0) * q
             Hf[base : base + stop * q] = tbuf[bb, : stop * q]
-
-
-@njit(**JIT)
-def _store(H, slot, pos, acc, mirror, full):
-    """Copy a finished tile from acc (tm, tn, q) into H, and its mirror image.
-
-    pos = (r0, c0, tm, tn, upper) as in :func:`_combine`.  An upper-only tile
-    fills its lower triangle from the upper one; with ``mirror`` (a symmetric
-    kernel) the tile is also written transposed at (c0, r0), output indices
-    swapped when ``full``.
-    """
-    r0, c0, tm, tn, upper = pos
-    _, P1, P2, q = H.shape
-    Hf = H.reshape(-1)
-    for a in range(tm):
-        # row a of the tile (from the diagonal on for an upper-only tile)
-        lo = a if upper else 0
-        base = ((slot * P1 + r0 + a) * P2 + c0 + lo) * q
-        Hf[base : base + (tn - lo) * q] = acc[(a * tn + lo) * q : (a + 1) * tn * q]
-    if upper:
-        # strict lower triangle of a diagonal tile, from the upper one
-        _store_transposed(H, slot, r0, c0, acc, (tm, tn, q), full, True)
-    elif mirror:
-        _store_transposed(H, slot, c0, r0, acc, (tm, tn, q), full, False)
 
 
 @njit(**JIT)
@@ -488,9 +529,9 @@ def _tile(f1, f2, widths, rates, mode, tile, H, origin, per_layer, sym, work):
 
         # fused combine-and-accumulate, and the store of a finished kernel
         assign = per_layer or l == 0
-        _combine(acc, A, G, (tm, tn, q, diag), rates[l], (mode, assign, last))
+        _combine(acc, A, G, (tm, tn, diag), rates[l], (mode, assign, last))
         if per_layer or last:
-            _store(H, l if per_layer else 0, pos, acc, sym, mode == FULL)
+            _store(H, l if per_layer else 0, pos, acc, sym, mode)
 
 
 @njit(**JIT_PARALLEL)
