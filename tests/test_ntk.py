@@ -240,6 +240,12 @@ def test_blocked_chunked_and_memmap_equal_unblocked(method, rng, tmp_path):
                     np.float64,
                     f"block_size={block_size} {outputs}",
                 )
+            # per-layer kernels of blocked runs, every tile a different layer slot
+            layers = fastntk.ntk(
+                net, params, x1, xx, outputs=outputs, method=method, block_size=7,
+                per_layer=True,
+            )  # fmt: skip
+            assert_close(layers.sum(0), whole, "algorithms", np.float64, "per layer")
             # a memory limit small enough that features are recomputed per block
             small = fastntk.ntk(
                 net,
