@@ -320,3 +320,17 @@ def test_flop_count():
     jac = fastntk.ntk_flops(net, 1000, 1000, outputs="trace", method="jacobian")
     assert 0.5 * cross < sym < 0.6 * cross
     assert jac > 50 * cross
+
+
+def test_documentation_examples_run(tmp_path, monkeypatch):
+    # the Python blocks of docs/ntk.md, in order, in one namespace
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "ntk.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "docs/ntk.md has no Python example"
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__docs__"}
+    for k, block in enumerate(blocks):
+        exec(compile(block, f"docs/ntk.md, python block {k + 1}", "exec"), namespace)
