@@ -146,6 +146,18 @@ def test_device_arrays_observables_and_ntk_snapshots():
         assert_close(Hg, Hc, "gpu", np.float64, "NTK snapshot")
 
 
+def test_public_train_takes_device_arrays_in_place():
+    # fastntk.train hands device data to the GPU engine without a host round trip
+    net, params, x, y = make_problem([2, 3, 1], "tanh", np.float64, P=5)
+    kw = dict(loss="mse", lr=0.1, steps=3)
+    pg, hg = fastntk.train(
+        net, params, cuda.to_device(x), cuda.to_device(y), backend="cuda", **kw
+    )
+    pc, hc = fastntk.train(net, params, x, y, **kw)
+    assert_close(pg.theta, pc.theta, "gpu", np.float64, "public train, device data")
+    assert_close(hg.train_loss, hc.train_loss, "gpu", np.float64, "losses")
+
+
 def test_public_train_routes_to_the_gpu_and_reports_a_missing_one(monkeypatch):
     net, params, x, y = make_problem([2, 3, 1], "tanh", np.float64, P=3)
     pg, _ = fastntk.train(

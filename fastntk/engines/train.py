@@ -31,7 +31,7 @@ from fastntk import _config
 from fastntk._validation import as_samples, as_targets, check_int, check_positive
 from fastntk.kernels import cpu, cpu_step
 from fastntk.kernels.cpu_step import UPDATE_DENSE, UPDATE_DIAGONAL, UPDATE_SCALAR
-from fastntk.kernels.dispatch import resolve_backend
+from fastntk.kernels.dispatch import is_device_array, resolve_backend
 from fastntk.model.losses import check_loss
 from fastntk.model.rates import Rates, identity
 
@@ -620,11 +620,7 @@ def train(
     >>> bool(hist.train_loss[-1] < hist.train_loss[0])
     True
     """
-    args = _check_train_args(
-        net,
-        params,
-        x,
-        y,
+    options = dict(
         loss=loss,
         lr=lr,
         rates=rates,
@@ -649,39 +645,18 @@ def train(
         inplace=inplace,
         kernel=kernel,
     )
+    # Device arrays (numba.cuda, CuPy) stay where they are: the GPU engine takes
+    # them as they are and validates them there.
+    if backend != "cpu" and (is_device_array(x) or is_device_array(y)):
+        from fastntk.engines.train_cuda import train_cuda
+
+        return train_cuda(net, params, x, y, **options)
+    args = _check_train_args(net, params, x, y, **options)
     flops = _step_flops(args) * args.total_steps
     if resolve_backend(args.backend, flops) == "cuda":
         from fastntk.engines.train_cuda import train_cuda
 
-        return train_cuda(
-            net,
-            params,
-            x,
-            y,
-            loss=loss,
-            lr=lr,
-            rates=rates,
-            steps=steps,
-            epochs=epochs,
-            batch_size=batch_size,
-            seed=seed,
-            test=test,
-            record_every=record_every,
-            observables=observables,
-            ntk_every=ntk_every,
-            ntk_samples=ntk_samples,
-            callback=callback,
-            checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-            threads=threads,
-            backend=backend,
-            progress=progress,
-            last_batch=last_batch,
-            on_divergence=on_divergence,
-            inplace=inplace,
-            kernel=kernel,
-        )
+        return train_cuda(net, params, x, y, **options)
     with _config.thread_limit(args.threads):
         return _train_cpu(args)
 
