@@ -316,12 +316,13 @@ def bench(name, dtype, opts):
 # -- workload D: a kernel larger than comfortable, into a file -------------------------
 
 _D_CHILD = r"""
-import json, resource, sys, time
+import json, logging, resource, sys, time
 import numpy as np
 import fastntk
 from fastntk import reference
 P, path, threads, check = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 threads = None if threads == "None" else int(threads)
+logging.basicConfig(level=logging.WARNING)
 net = fastntk.MLP([64, 256, 256, 1], activation="relu", C_b=0.0, C_W=2.0)
 params = net.init(seed=0, dtype="float32")
 x = np.random.default_rng(1).standard_normal((P, 64)).astype(np.float32)
@@ -329,9 +330,10 @@ fastntk.ntk(net, params, x[:512], outputs="trace")  # compile or load kernels
 out = np.memmap(path, dtype=np.float32, mode="w+", shape=(P, P))
 t0 = time.perf_counter()
 fastntk.ntk(net, params, x, outputs="trace", out=out, threads=threads)
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 out.flush()
 elapsed = time.perf_counter() - t0
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+rss_flush = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 rows = np.sort(np.random.default_rng(7).choice(P, check, replace=False))
 J = reference.jacobian(net, params.astype("float64"), x[rows].astype(np.float64))
 d = np.empty(net.n_params)
@@ -341,7 +343,8 @@ flat = J.reshape(len(rows), -1)
 exact = (flat * d) @ flat.T
 got = np.asarray(out[np.ix_(rows, rows)], np.float64)
 err = float(np.abs(got - exact).max() / np.abs(exact).max())
-print(json.dumps(dict(seconds=elapsed, peak_rss=rss, rel_error=err)))
+print(json.dumps(dict(seconds=elapsed, peak_rss=rss, peak_rss_flush=rss_flush,
+                     rel_error=err)))
 """
 
 
@@ -368,12 +371,15 @@ def bench_d(opts):
     finally:
         if os.path.exists(path):
             os.remove(path)
+    if proc.stderr.strip():
+        print(proc.stderr, file=sys.stderr)
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     net = fastntk.MLP(WORKLOADS["D"]["widths"])
     flops = fastntk.ntk_flops(net, P, outputs="trace")
     row.update(
         median_s=res["seconds"], runs=1, gflops=flops / res["seconds"] / 1e9,
         peak_rss_gib=res["peak_rss"] / 2**30, rel_error=res["rel_error"],
+        peak_rss_after_flush_gib=res["peak_rss_flush"] / 2**30,
         checked_samples=opts.check, kernel_gib=need / 2**30,
     )  # fmt: skip
     return [row]
@@ -403,7 +409,8 @@ def format_table(rows):
             notes.append(f"error on {r['checked_samples']}^2 pairs")
         if "peak_rss_gib" in r:
             notes.append(
-                f"peak RSS {r['peak_rss_gib']:.2f} GiB, "
+                f"peak RSS {r['peak_rss_gib']:.2f} GiB "
+                f"({r['peak_rss_after_flush_gib']:.2f} after flush), "
                 f"kernel {r['kernel_gib']:.1f} GiB"
             )
         lines.append(

@@ -659,11 +659,17 @@ def _page_releaser(out):
     def release():
         # whole pages inside out only; the file keeps the data (shared mapping)
         if stop > start:
-            libc.madvise(
+            done = libc.madvise(
                 ctypes.c_void_p(start),
                 ctypes.c_size_t(stop - start),
                 mmap.MADV_DONTNEED,
             )
+            if done != 0:
+                logger.warning(
+                    "ntk: could not release the pages of out (madvise: %s); its "
+                    "resident memory may grow to the whole result",
+                    os.strerror(ctypes.get_errno()),
+                )
 
     return release
 
