@@ -316,13 +316,20 @@ def bench(name, dtype, opts):
 # -- workload D: a kernel larger than comfortable, into a file -------------------------
 
 _D_CHILD = r"""
-import json, logging, resource, sys, time
+import json, logging, sys, time
 import numpy as np
 import fastntk
 from fastntk import reference
 P, path, threads, check = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 threads = None if threads == "None" else int(threads)
 logging.basicConfig(level=logging.WARNING)
+def peak_rss():
+    # this process's high-water mark (VmHWM; getrusage's maxrss would include
+    # the parent's, inherited across fork and exec)
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
 net = fastntk.MLP([64, 256, 256, 1], activation="relu", C_b=0.0, C_W=2.0)
 params = net.init(seed=0, dtype="float32")
 x = np.random.default_rng(1).standard_normal((P, 64)).astype(np.float32)
@@ -330,10 +337,10 @@ fastntk.ntk(net, params, x[:512], outputs="trace")  # compile or load kernels
 out = np.memmap(path, dtype=np.float32, mode="w+", shape=(P, P))
 t0 = time.perf_counter()
 fastntk.ntk(net, params, x, outputs="trace", out=out, threads=threads)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+rss = peak_rss()
 out.flush()
 elapsed = time.perf_counter() - t0
-rss_flush = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+rss_flush = peak_rss()
 rows = np.sort(np.random.default_rng(7).choice(P, check, replace=False))
 J = reference.jacobian(net, params.astype("float64"), x[rows].astype(np.float64))
 d = np.empty(net.n_params)
