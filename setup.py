@@ -1,5 +1,6 @@
 """Build of fastntk's Cython extension modules (metadata lives in setup.cfg)."""
 
+import sys
 from pathlib import Path
 
 from Cython.Build import cythonize
@@ -16,6 +17,11 @@ DIRECTIVES = {
 }
 
 
+# OpenMP for the thread team of the training loop; where the compiler lacks
+# it (Apple's clang, MSVC), that loop runs on one thread.
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
 def extensions():
     root = Path(__file__).parent
     mods = []
@@ -26,7 +32,8 @@ def extensions():
             Extension(
                 name,
                 [str(rel)],
-                extra_compile_args=["-O3"],
+                extra_compile_args=["-O3", *OPENMP],
+                extra_link_args=OPENMP,
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
             )
         )

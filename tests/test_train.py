@@ -227,6 +227,36 @@ def test_blas_thread_ranges_match_reference(rng, threads):
     _check_steps(net, thetas, lambda t: None, x, y, loss, 0.02, None, "ranges")
 
 
+@pytest.mark.parametrize("kind", ["identity", "diagonal", "dense"])
+@pytest.mark.parametrize("batch_size", [None, 1, 4])
+def test_thread_team_matches_reference(rng, kind, batch_size):
+    # two threads split each batch and then the parameters between them (a
+    # batch of one leaves the second thread without samples)
+    net, params, x, y = _problem(rng)
+    rates = _rates_of(kind, net, rng)
+    loss = fastntk.MSE("mean")
+    kw = dict(loss=loss, lr=0.02, rates=rates, batch_size=batch_size, seed=4)
+    thetas, out, _ = _trajectory(
+        net, params, x, y, steps=5, kernel="blas", threads=2, **kw
+    )
+    per_epoch = 1 if batch_size is None else -(-x.shape[0] // batch_size)
+    schedule = train_mod._Schedule(x.shape[0], batch_size, per_epoch, 4)
+    _check_steps(net, thetas, schedule.batch, x, y, loss, 0.02, rates, kind)
+    again, _ = fastntk.train(net, params, x, y, steps=5, kernel="blas", threads=2, **kw)
+    np.testing.assert_array_equal(again.theta, out.theta)
+
+
+def test_thread_team_stops_at_divergence(rng):
+    net, params, x, y = _problem(rng, activation="relu")
+    kw = dict(loss="mse", lr=3.0, record_every=1000, kernel="blas", threads=2)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        out, hist = fastntk.train(net, params, x, y * 100, steps=500, **kw)
+    before, _ = fastntk.train(
+        net, params, x, y * 100, steps=hist.diverged_step - 1, **kw
+    )
+    np.testing.assert_array_equal(out.theta, before.theta)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_chunking_does_not_change_results(rng, monkeypatch, kernel):
     # the same run cut into steps between records, or capped chunks

@@ -834,6 +834,11 @@ class _Stepper:
         addresses = cpu_step.addresses(dtype)
         self.gradient = addresses[self.kernel]
         self.update = addresses["update"]
+        if self.kernel != "fused":
+            # parts, where their gradients lie, and the team's size
+            first, stride = cpu_step.part_gradient_offsets(self.plan)
+            parts = int(self.plan[cpu_step.PLAN_PARTS])
+            self.parts = (parts, first, stride, parts)
         self.fpar = np.array([net.slope], dtype=np.float64)
         self.x = a.x.reshape(-1)
         self.y = a.y.reshape(-1)
@@ -882,9 +887,9 @@ class _Stepper:
         if self.kernel == "fused":
             return self.loop.run_steps(*args)
 
-        # BLAS runs single-threaded inside each thread's range of samples
+        # one part of each batch per thread, BLAS single-threaded inside a part
         with _blas_controller().limit(limits=1, user_api="blas"):
-            return self.loop.run_steps(*args)
+            return self.loop.run_parts(*args, *self.parts)
 
 
 _BLAS_CONTROLLER = []

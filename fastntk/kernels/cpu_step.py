@@ -18,10 +18,11 @@ kernels:
   written with LLVM vector intrinsics because Numba's automatic vectorization
   leaves such short loops scalar.  Vectors of ``LANES`` entries are legal on
   every CPU LLVM targets (split into narrower registers where needed).
-- :func:`blas_gradient`: BLAS matrix products and fused elementwise loops, for
+- :func:`blas_part`: BLAS matrix products and fused elementwise loops, for
   wide layers and large batches.  The batch is cut into one range of samples
-  per thread; each range runs single-threaded BLAS, and the ranges' gradients
-  are summed in a fixed order (deterministic for a given thread count).
+  (a *part*) per thread; the step loop runs each part on its own thread with
+  single-threaded BLAS, then sums the parts' gradients in a fixed order
+  (deterministic for a given thread count).
 
 Every kernel receives the description of the step in a *plan*: an int64 array
 built by :func:`make_plan` (depth, activation, loss, reduction, update kind,
@@ -33,11 +34,11 @@ from __future__ import annotations
 
 import llvmlite.ir as llir
 import numpy as np
-from numba import carray, cfunc, njit, prange, types
+from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fastntk._config import JIT, JIT_INLINE, JIT_PARALLEL
+from fastntk._config import JIT, JIT_INLINE
 from fastntk.kernels.activations import RELU, act, dact
 from fastntk.kernels.cpu import MSE
 
@@ -1045,71 +1046,60 @@ def _blas_rows(theta, xb, yb, m, plan, slope, scale, work, part, first):
     return value
 
 
-@njit(**JIT_PARALLEL)
-def blas_gradient(theta, x, y, idx, nb, plan, fpar, work):
-    """Loss of the batch ``idx[:nb]`` and its gradient, on BLAS products.
+@njit(**JIT)
+def blas_part(theta, x, y, idx, nb, plan, fpar, work, p, parts):
+    """Loss of part ``p`` of ``parts`` of the batch ``idx[:nb]``, and its gradient.
 
-    The batch is cut into ``plan[PLAN_PARTS]`` consecutive ranges computed in
-    parallel (one thread each, BLAS single-threaded inside), each in blocks of
-    at most ``plan[PLAN_BLOCK]`` rows; the gradient, left in the workspace at
-    ``plan[PLAN_GRAD]``, is the sum of the ranges' gradients in range order, so
-    that the result depends on the number of parts but not on timing.  With
-    ``plan[PLAN_GATHER] == 0`` the batch is the first ``nb`` rows of ``x``.
+    Part ``p`` is the range of samples ``p nb // parts .. (p + 1) nb // parts``
+    of the batch, computed on one thread (single-threaded BLAS) in blocks of
+    at most ``plan[PLAN_BLOCK]`` rows; its gradient is left in the part's
+    region of the workspace.  With ``plan[PLAN_GATHER] == 0`` the batch is the
+    first ``nb`` rows of ``x``.
     """
     depth = plan[PLAN_DEPTH]
     n0 = _widths(plan, 0)
     n_out = _widths(plan, depth)
-    n_params = plan[PLAN_N_PARAMS]
-    parts = min(plan[PLAN_PARTS], nb)
     block = plan[PLAN_BLOCK]
-    stride = _ws(plan, BW_STRIDE)
     gather = plan[PLAN_GATHER] != 0
     slope = fpar[0]
     scale = 1.0 / nb if plan[PLAN_MEAN] else 1.0
-    losses = np.zeros(parts)
-    for p in prange(parts):
-        part = _ws(plan, BW_START) + p * stride
-        xo = part + _ws(plan, BW_X)
-        yo = part + _ws(plan, BW_Y)
-        lo = p * nb // parts
-        hi = (p + 1) * nb // parts
-        start = lo
-        while start < hi:
-            m = min(block, hi - start)
-
-            # the block's rows: gathered, or rows of x in place
-            if gather:
-                for r in range(m):
-                    src = idx[start + r]
-                    for q in range(n0):
-                        work[xo + r * n0 + q] = x[src * n0 + q]
-                    for q in range(n_out):
-                        work[yo + r * n_out + q] = y[src * n_out + q]
-                xb = work[xo : xo + m * n0].reshape((m, n0))
-                yb = work[yo : yo + m * n_out]
-            else:
-                xb = x[start * n0 : (start + m) * n0].reshape((m, n0))
-                yb = y[start * n_out : (start + m) * n_out]
-            losses[p] += _blas_rows(
-                theta, xb, yb, m, plan, slope, scale, work, part, start == lo
-            )
-            start += m
-
-    # total loss and gradient, summed over the parts in order
+    part = _ws(plan, BW_START) + p * _ws(plan, BW_STRIDE)
+    xo = part + _ws(plan, BW_X)
+    yo = part + _ws(plan, BW_Y)
+    lo = p * nb // parts
+    hi = (p + 1) * nb // parts
     value = 0.0
-    for p in range(parts):
-        value += losses[p]
-    if not np.isfinite(value):
-        return value
-    grad = plan[PLAN_GRAD]
-    g0 = _ws(plan, BW_START) + _ws(plan, BW_GRAD)
-    for q in range(n_params):
-        work[grad + q] = work[g0 + q]
-    for p in range(1, parts):
-        gp = g0 + p * stride
-        for q in range(n_params):
-            work[grad + q] += work[gp + q]
+    start = lo
+    while start < hi:
+        m = min(block, hi - start)
+
+        # the block's rows: gathered, or rows of x in place
+        if gather:
+            for r in range(m):
+                src = idx[start + r]
+                for q in range(n0):
+                    work[xo + r * n0 + q] = x[src * n0 + q]
+                for q in range(n_out):
+                    work[yo + r * n_out + q] = y[src * n_out + q]
+            xb = work[xo : xo + m * n0].reshape((m, n0))
+            yb = work[yo : yo + m * n_out]
+        else:
+            xb = x[start * n0 : (start + m) * n0].reshape((m, n0))
+            yb = y[start * n_out : (start + m) * n_out]
+        value += _blas_rows(
+            theta, xb, yb, m, plan, slope, scale, work, part, start == lo
+        )
+        start += m
     return value
+
+
+def part_gradient_offsets(plan):
+    """Workspace offset of part 0's gradient and the distance between parts."""
+    return (
+        int(plan[PLAN_HEADER + 3 * plan[PLAN_DEPTH] + 1 + BW_START])
+        + int(plan[PLAN_HEADER + 3 * plan[PLAN_DEPTH] + 1 + BW_GRAD]),
+        int(plan[PLAN_HEADER + 3 * plan[PLAN_DEPTH] + 1 + BW_STRIDE]),
+    )
 
 
 # -- C entry points --------------------------------------------------------------
@@ -1131,7 +1121,7 @@ def _c_fused_gradient(theta_p, x_p, y_p, idx_p, nb, plan_p, fpar_p, work_p):
     return fused_gradient(theta, x, y, idx, nb, plan, fpar, work)
 
 
-def _c_blas_gradient(theta_p, x_p, y_p, idx_p, nb, plan_p, fpar_p, work_p):
+def _c_blas_part(theta_p, x_p, y_p, idx_p, nb, plan_p, fpar_p, work_p, p, parts):
     depth = carray(plan_p, (PLAN_HEADER,))[PLAN_DEPTH]
     plan = carray(plan_p, (plan_length(depth),))
     n_samples = plan[PLAN_N_SAMPLES]
@@ -1141,7 +1131,7 @@ def _c_blas_gradient(theta_p, x_p, y_p, idx_p, nb, plan_p, fpar_p, work_p):
     idx = carray(idx_p, (nb,))
     fpar = carray(fpar_p, (1,))
     work = carray(work_p, (plan[PLAN_WORK],))
-    return blas_gradient(theta, x, y, idx, nb, plan, fpar, work)
+    return blas_part(theta, x, y, idx, nb, plan, fpar, work, p, parts)
 
 
 def _c_update(theta_p, new_p, grad_p, n, kind, rate_p, n_rate):
@@ -1164,7 +1154,10 @@ def _signatures(T):
     gradient = f64(ptr, ptr, ptr, iptr, i64, iptr, dptr, ptr)
     return {
         "fused": (_c_fused_gradient, gradient),
-        "blas": (_c_blas_gradient, gradient),
+        "blas": (
+            _c_blas_part,
+            f64(ptr, ptr, ptr, iptr, i64, iptr, dptr, ptr, i64, i64),
+        ),
         "update": (_c_update, void(ptr, ptr, ptr, i64, i64, ptr, i64)),
     }
 
