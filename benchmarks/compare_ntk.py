@@ -195,9 +195,16 @@ def gemm_function(dtype, n=2048, seed=0):
 
 def timed(fn):
     gc.collect()
+    # let the worker threads of the previous timing's BLAS stop spinning (they
+    # poll for new work for a while after each call and would slow this one)
+    time.sleep(SETTLE_SECONDS)
     t0 = time.perf_counter()
     result = fn()
     return time.perf_counter() - t0, result
+
+
+#: Idle time before each timing.
+SETTLE_SECONDS = 0.15
 
 
 def rel_error(fast, exact):

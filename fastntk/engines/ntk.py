@@ -699,7 +699,11 @@ def _stripes(args, out, plan, compute):
     logger.debug("ntk: %d x %d kernel in stripes of %d rows", P1, P2, plan.tile)
 
 
-def _mode(outputs):
+def _mode(outputs, n_out):
+    # With one output the three modes hold the same single value per pair;
+    # the trace layout is the simplest of them to combine and store.
+    if n_out == 1:
+        return cpu_ntk.TRACE
     return {"full": cpu_ntk.FULL, "trace": cpu_ntk.TRACE}.get(outputs, cpu_ntk.DIAGONAL)
 
 
@@ -729,7 +733,7 @@ def _structured(args, out, plan):
     bias_rate, weight_rate = args.rates.layer_factors(net)
     rates = np.empty((net.depth, 3), dtype=args.dtype)
     rates[:, 0], rates[:, 1], rates[:, 2] = bias_rate, weight_rate, net.n_out
-    mode = _mode(args.outputs)
+    mode = _mode(args.outputs, args.net.n_out)
     P1 = args.x1.shape[0]
     P2 = P1 if sym else args.x2.shape[0]
     slots = net.depth if args.per_layer else 1
@@ -824,7 +828,7 @@ def _contract(J1, J2, mode, target):
 def _jacobian(args, out, plan):
     # H = J1 lambda J2^T over chunks of parameters (units of one layer).
     net = args.net
-    mode = _mode(args.outputs)
+    mode = _mode(args.outputs, args.net.n_out)
     dense = args.rates.kind == "dense"
     if dense:
         lam = args.rates.matrix(net).astype(args.dtype)

@@ -388,11 +388,14 @@ def _store(H, slot, pos, acc, mirror, mode):
                 for b in range(lo, tn):
                     h[b * q + i] = src[b]
         else:
-            # H[a, b, i, j] = acc[(a, i), (b, j)]
-            h3 = h.reshape((tn, n_out, n_out))
-            for i in range(n_out):
-                src = acc[(a * n_out + i) * ldg : (a * n_out + i + 1) * ldg]
-                h3[lo:, i, :] = src.reshape((tn, n_out))[lo:, :]
+            # H[a, b, i, j] = acc[(a, i), (b, j)], H written in order
+            r = a * n_out * ldg
+            for b in range(lo, tn):
+                for i in range(n_out):
+                    d = b * q + i * n_out
+                    e = r + i * ldg + b * n_out
+                    for j in range(n_out):
+                        h[d + j] = acc[e + j]
             if upper:
                 # H[a, a, i, j] = H[a, a, j, i] below the computed triangle
                 for i in range(n_out):
@@ -408,13 +411,27 @@ def _store(H, slot, pos, acc, mirror, mode):
 @njit(**JIT)
 def _store_transposed(H, slot, row0, col0, acc, shape, mode, strict):
     # H[slot, row0 + b, col0 + a] = value (a, b) of acc, output indices swapped,
-    # for a < b only with ``strict``.  Columns of acc go 16 at a time through a
-    # small transposed buffer, so that H is written along its rows.
+    # for a < b only with ``strict``.  In the trace and diagonal layouts the
+    # columns of acc go 16 at a time through a small transposed buffer, so that
+    # H is written along its rows.
     tm, tn = shape
     _, P1, P2, q = H.shape
     n_out = int(np.sqrt(q) + 0.5) if mode == FULL else q
     ldg = tn * n_out
     Hf = H.reshape(-1)
+    if mode == FULL:
+        # H[b, a, j, i] = acc[(a, i), (b, j)]: blocks of n_out x n_out values,
+        # each read along rows of acc and written transposed into one place
+        for b in range(tn):
+            stop = b if strict else tm
+            base = ((slot * P1 + row0 + b) * P2 + col0) * q
+            for a in range(stop):
+                d = base + a * q
+                for i in range(n_out):
+                    e = (a * n_out + i) * ldg + b * n_out
+                    for j in range(n_out):
+                        Hf[d + j * n_out + i] = acc[e + j]
+        return
     tbuf = np.empty((16, tm * q), dtype=acc.dtype)
     for b0 in range(0, tn, 16):
         nb = min(16, tn - b0)
@@ -425,17 +442,11 @@ def _store_transposed(H, slot, row0, col0, acc, shape, mode, strict):
                 src = acc[a * tn + b0 : a * tn + b0 + nb]
                 for bb in range(nb):
                     tbuf[bb, a] = src[bb]
-            elif mode == DIAGONAL:
+            else:
                 for i in range(n_out):
                     src = acc[(i * tm + a) * tn + b0 : (i * tm + a) * tn + b0 + nb]
                     for bb in range(nb):
                         tbuf[bb, a * q + i] = src[bb]
-            else:
-                # H[b, a, j, i] = acc[(a, i), (b, j)]
-                t4 = tbuf.reshape((16, tm, n_out, n_out))
-                for i in range(n_out):
-                    r = (a * n_out + i) * ldg + b0 * n_out
-                    t4[:nb, a, :, i] = acc[r : r + nb * n_out].reshape((nb, n_out))
         # row row0 + b of H, columns col0 .. col0 + stop
         for bb in range(nb):
             b = b0 + bb
