@@ -15,7 +15,8 @@ on two workloads (ReLU networks, mean squared error with the mean reduction):
 Every framework starts from the same parameters and, for SGD, visits the same
 mini-batches (fastntk's seeded schedule); the final training loss of each is
 compared with the NumPy loop's.  Each timing is the median over ``--repeat``
-runs of a whole training, after one warm-up run (compilation).  The table
+runs of a whole training, after one warm-up run (compilation); the runs go in
+rounds, every framework once per round.  The table
 gives microseconds per step, steps per second, the speed-up of fastntk over
 each framework and the relative difference of the final loss.
 
@@ -262,18 +263,27 @@ def main(argv=None):
         w = WORKLOADS[name]
         for dtype in args.dtype:
             net, params, x, y, batches = problem(name, np.dtype(dtype))
-            results = {}
+            present = []
             for fw in args.frameworks:
-                if not available(fw):
+                if available(fw):
+                    present.append(fw)
+                else:
                     print(f"# {fw}: not installed, skipped", file=sys.stderr)
-                    continue
-                run = CONTESTANTS[fw]
-                run(net, params, x, y, batches, w)  # warm-up (compilation)
-                times, loss = [], None
-                for _ in range(args.repeat):
-                    seconds, loss = run(net, params, x, y, batches, w)
-                    times.append(seconds)
-                results[fw] = (statistics.median(times) / w["steps"] * 1e6, loss)
+            # warm-up (compilation), then rounds in which every framework takes
+            # a turn, so that a change of the machine's speed during the run
+            # affects all of them alike
+            for fw in present:
+                CONTESTANTS[fw](net, params, x, y, batches, w)
+            times = {fw: [] for fw in present}
+            losses = {}
+            for _ in range(args.repeat):
+                for fw in present:
+                    seconds, losses[fw] = CONTESTANTS[fw](net, params, x, y, batches, w)
+                    times[fw].append(seconds)
+            results = {
+                fw: (statistics.median(times[fw]) / w["steps"] * 1e6, losses[fw])
+                for fw in present
+            }
             rows.append((name, dtype, results))
 
     # table: us/step, steps/s, fastntk speed-up, final loss vs the NumPy loop

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import heapq
 import logging
 import os
 import threading
@@ -718,11 +719,24 @@ def _tile_list(r_lo, r_hi, cols, tile, diagonal):
         if diagonal:
             tiles.append((i0, i0, tm, tm, 1))
         tiles += [(i0, j0, tm, min(tile, cols - j0), 0) for j0 in range(j, cols, tile)]
-    tiles = np.array(tiles, dtype=np.int64).reshape(-1, 5)
-    # by decreasing cost (a diagonal tile computes half its pairs), for the
-    # threads of the kernel to take in turn
+    return np.array(tiles, dtype=np.int64).reshape(-1, 5)
+
+
+def _share(tiles, n_threads):
+    # The tiles grouped by thread, and each thread's range in the groups.  The
+    # costliest tile not yet given goes to the thread with the least work so
+    # far (a diagonal tile computes half its pairs), which evens out the
+    # threads' loads far better than dealing the tiles in turn.
     cost = tiles[:, 2] * tiles[:, 3] // (1 + tiles[:, 4])
-    return tiles[np.argsort(-cost, kind="stable")]
+    loads = [(0, t) for t in range(n_threads)]
+    owner = np.empty(len(tiles), dtype=np.int64)
+    for k in np.argsort(-cost, kind="stable"):
+        load, t = heapq.heappop(loads)
+        owner[k] = t
+        heapq.heappush(loads, (load + int(cost[k]), t))
+    order = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[order], np.arange(n_threads + 1))
+    return tiles[order], bounds.astype(np.int64)
 
 
 def _structured(args, out, plan):
@@ -742,8 +756,9 @@ def _structured(args, out, plan):
     release = _page_releaser(out)
 
     def run(rows, cols, tiles, origin):
+        tiles, bounds = _share(tiles, work.shape[0])
         cpu_ntk.structured_tiles(
-            rows, cols, net._widths, rates, mode, tiles, H, origin,
+            rows, cols, net._widths, rates, mode, tiles, bounds, H, origin,
             args.per_layer, sym, work,
         )  # fmt: skip
 

@@ -547,7 +547,7 @@ def _tile(f1, f2, widths, rates, mode, tile, H, origin, per_layer, sym, work):
 
 @njit(**JIT_PARALLEL)
 def structured_tiles(
-    f1, f2, widths, rates, mode, tiles, H, origin, per_layer, sym, work
+    f1, f2, widths, rates, mode, tiles, bounds, H, origin, per_layer, sym, work
 ):
     """Kernel entries of a list of tiles, the tiles in parallel.
 
@@ -564,7 +564,8 @@ def structured_tiles(
         (i0, j0, tm, tn, diag): local rows [i0, i0 + tm) against local columns
         [j0, j0 + tn); ``diag`` marks a tile on the diagonal of a symmetric
         kernel (i0 = j0, tm = tn), of which only the upper triangle is computed.
-        Threads take the tiles in turn, so list them by decreasing cost.
+    bounds : (n_threads + 1,) int64
+        Thread t computes the tiles bounds[t] .. bounds[t + 1] - 1.
     H : (n_slots, P1, P2, q) result; local (row, column) goes to
         (origin[0] + row, origin[1] + column).
     per_layer : bool
@@ -580,11 +581,8 @@ def structured_tiles(
     BLAS runs inside each tile on the calling thread: call with single-threaded
     BLAS, the parallelism comes from the tiles.
     """
-    # thread t takes tiles t, t + n_threads, ...: balanced when the list is
-    # sorted by decreasing cost
-    n_threads = max(1, min(work.shape[0], tiles.shape[0]))
-    for t in prange(n_threads):
-        for k in range(t, tiles.shape[0], n_threads):
+    for t in prange(bounds.shape[0] - 1):
+        for k in range(bounds[t], bounds[t + 1]):
             i0, j0, tm, tn, diag = tiles[k]
             tile = (i0, j0, tm, tn, diag != 0)
             _tile(f1, f2, widths, rates, mode, tile, H, origin, per_layer, sym, work[t])

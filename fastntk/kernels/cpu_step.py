@@ -859,11 +859,14 @@ def bias_activate(z, b, a, m, n, code, slope, hidden):
             for i in range(n):
                 z[p * n + i] += b[i]
     elif code == RELU:
+        # zero * v keeps NaN and the sign of zero; zero has a's dtype, so that
+        # float32 stays float32 and the loop vectorizes
+        zero = a.dtype.type(0.0)
         for p in range(m):
             for i in range(n):
                 v = z[p * n + i] + b[i]
                 z[p * n + i] = v
-                a[p * n + i] = v if v > 0 else 0.0 * v
+                a[p * n + i] = v if v > 0 else zero * v
     else:
         for p in range(m):
             for i in range(n):
@@ -887,11 +890,12 @@ def times_derivative(d, z, m, n, code, slope, gb, accumulate):
     The column sums of the result are the bias gradients of the layer below.
     """
     _column_sums_start(gb, n, accumulate)
+    zero = d.dtype.type(0.0)
     for p in range(m):
         r = p * n
         if code == RELU:
             for i in range(n):
-                v = d[r + i] if z[r + i] > 0 else 0.0 * d[r + i]
+                v = d[r + i] if z[r + i] > 0 else zero * d[r + i]
                 d[r + i] = v
                 gb[i] += v
         else:
