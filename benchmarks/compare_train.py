@@ -16,7 +16,7 @@ Every framework starts from the same parameters and, for SGD, visits the same
 mini-batches (fastntk's seeded schedule); the final training loss of each is
 compared with the NumPy loop's.  Each timing is the median over ``--repeat``
 runs of a whole training, after one warm-up run (compilation); the runs go in
-rounds, every framework once per round.  The table
+rounds, every framework once per round, each after a short idle pause.  The table
 gives microseconds per step, steps per second, the speed-up of fastntk over
 each framework and the relative difference of the final loss.
 
@@ -45,6 +45,9 @@ WORKLOADS = {
     "sgd": dict(widths=[64, 16, 16, 1], P=512, batch=8, steps=5000, lr=0.01),
 }
 SEED = 0
+
+#: Idle time before each timed run.
+SETTLE_SECONDS = 0.25
 
 
 def problem(name, dtype):
@@ -278,6 +281,10 @@ def main(argv=None):
             losses = {}
             for _ in range(args.repeat):
                 for fw in present:
+                    # let the previous framework's worker threads stop polling
+                    # for work (they spin for a while after each call and
+                    # would slow the next run)
+                    time.sleep(SETTLE_SECONDS)
                     seconds, losses[fw] = CONTESTANTS[fw](net, params, x, y, batches, w)
                     times[fw].append(seconds)
             results = {

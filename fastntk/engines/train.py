@@ -854,7 +854,10 @@ class _Stepper:
     def loss(self, a: _TrainArgs, theta, x, y) -> float:
         """Loss of the whole set (x, y) at ``theta``, with the loss's reduction."""
         if self.kernel != "fused":
-            return _loss_on(a, theta, x, y)
+            # single-threaded BLAS here too: BLAS worker threads, once woken,
+            # poll for work for a while and would slow the steps that follow
+            with _blas_controller().limit(limits=1, user_api="blas"):
+                return _loss_on(a, theta, x, y)
         # forward passes of the fused kernel, batch after batch, serially
         P = x.shape[0]
         total = cpu_step.fused_loss(
