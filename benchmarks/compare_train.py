@@ -16,9 +16,10 @@ Every framework starts from the same parameters and, for SGD, visits the same
 mini-batches (fastntk's seeded schedule); the final training loss of each is
 compared with the NumPy loop's.  Each timing is the median over ``--repeat``
 runs of a whole training, after one warm-up run (compilation); the runs go in
-rounds, every framework once per round, each after a short idle pause.  The table
-gives microseconds per step, steps per second, the speed-up of fastntk over
-each framework and the relative difference of the final loss.
+rounds, every framework once per round, each after a short pause
+(:func:`settle`).  The table gives microseconds per step, steps per second,
+the speed-up of fastntk over each framework and the relative difference of
+the final loss.
 
 Run from the repository root (after ``python setup.py build_ext --inplace``)::
 
@@ -46,8 +47,22 @@ WORKLOADS = {
 }
 SEED = 0
 
-#: Idle time before each timed run.
+#: Seconds of waiting before each timing (see :func:`settle`).
 SETTLE_SECONDS = 0.25
+
+
+def settle():
+    """Wait before a timing, for the previous one's worker threads to go idle.
+
+    BLAS, OpenMP and XLA worker threads poll for new work for up to about
+    0.1 s after each call, slowing whatever runs next.  The wait spins rather
+    than sleeps: on virtual machines a processor left idle comes back slowly
+    (a 15 ms single-threaded run measured 2.8 us per step after a spin, 4.3
+    after a sleep).
+    """
+    end = time.perf_counter() + SETTLE_SECONDS
+    while time.perf_counter() < end:
+        pass
 
 
 def problem(name, dtype):
@@ -281,10 +296,7 @@ def main(argv=None):
             losses = {}
             for _ in range(args.repeat):
                 for fw in present:
-                    # let the previous framework's worker threads stop polling
-                    # for work (they spin for a while after each call and
-                    # would slow the next run)
-                    time.sleep(SETTLE_SECONDS)
+                    settle()
                     seconds, losses[fw] = CONTESTANTS[fw](net, params, x, y, batches, w)
                     times[fw].append(seconds)
             results = {
