@@ -13,11 +13,13 @@ kernels:
   more than its arithmetic.  Activations are *feature-major* (one row per unit,
   one column per sample, the batch padded with zero columns to a multiple of
   :data:`LANES`), so that every product is a sum of rank-one updates of rows of
-  ``LANES`` contiguous entries.  Those run on an explicit SIMD tile, four rows
-  of ``LANES`` accumulators held in vector registers (see :func:`_tile4`),
-  written with LLVM vector intrinsics because Numba's automatic vectorization
-  leaves such short loops scalar.  Vectors of ``LANES`` entries are legal on
-  every CPU LLVM targets (split into narrower registers where needed).
+  ``LANES`` contiguous entries.  Those run on an explicit SIMD tile, 8 or 4
+  rows of ``LANES`` accumulators held in vector registers (see
+  :func:`matmul_rows`), written with LLVM vector intrinsics because Numba's
+  automatic vectorization leaves such short loops scalar; transposes and row
+  sums go by 8 x 8 blocks shuffled in registers.  Vectors of ``LANES``
+  entries are legal on every CPU LLVM targets (split into narrower registers
+  where needed).
 - :func:`blas_part`: BLAS matrix products and fused elementwise loops, for
   wide layers and large batches.  The batch is cut into one range of samples
   (a *part*) per thread; the step loop runs each part on its own thread with
@@ -32,6 +34,7 @@ C-contiguous, one floating dtype, finite.
 
 from __future__ import annotations
 
+import llvmlite.binding as llb
 import llvmlite.ir as llir
 import numpy as np
 from numba import carray, cfunc, njit, types
@@ -45,10 +48,14 @@ from fastntk.kernels.cpu import MSE
 #: Entries of one SIMD vector of the fused step (both dtypes).
 LANES = 8
 
-#: Rows of the largest register tile of the fused step (tiles of 8, 4 and 1
-#: rows cover any row count; 8 independent accumulators hide the latency of
-#: the fused multiply-adds).
+#: Rows of the largest register tile of the fused step.
 TILE_ROWS = 8
+
+#: Whether the CPU has 512-bit vector registers.  A tile needs about eight
+#: independent register accumulators to hide the latency of its fused
+#: multiply-adds, without spilling: with 256-bit registers that is 8 rows of
+#: float32 or 4 rows of float64 (see :func:`matmul_rows`).
+WIDE_REGISTERS = bool(llb.get_host_cpu_features().get("avx512f", False))
 
 #: How the update applies the learning-rate tensor: theta -= r[0] g (identity),
 #: theta -= r * g (any diagonal tensor), theta -= R g (dense).
@@ -208,14 +215,14 @@ def make_plan(
         bp = padded(batch)
         sizes = [
             widths[0] * bp,
-            batch * widths[0],
+            bp * widths[0],
             n_params,
             wmax * bp,
             wmax * bp,
             wmax,
         ]
         for n in widths[1:]:
-            sizes += [n * bp, n * bp, batch * n]
+            sizes += [n * bp, n * bp, bp * n]
         offsets, size = _layout(sizes, itemsize)
         grad = offsets[WS_GRAD]
         parts, block = 1, batch
@@ -319,15 +326,21 @@ def _tile_fill(typingctx, tile, row, value):
 
 
 @intrinsic
-def _tile_fma(typingctx, tile, row, coef, ary, offset):
-    """tile[row, :] += coef * ary[offset:offset + LANES] (fused multiply-add)."""
+def _tile_fma(typingctx, tile, row, cary, coff, ary, offset):
+    """tile[row, :] += cary[coff] * ary[offset:offset + LANES] (fused multiply-add).
+
+    Both operands are read at their offsets as given (no negative-index
+    wrap-around, whose checks would cost more than the multiply-adds).
+    """
 
     def codegen(context, builder, sig, args):
         dt = tile.dtype
         vt = _vector_type(context, dt)
         slot = _tile_slot(context, builder, args[0], args[1], dt)
-        c = _splat(builder, context.cast(builder, args[2], coef, dt), vt)
-        ptr = _element_vector(context, builder, ary, args[3], args[4])
+        cdata = context.make_array(cary)(context, builder, args[2]).data
+        coef = builder.load(builder.gep(cdata, [args[3]]))
+        c = _splat(builder, context.cast(builder, coef, cary.dtype, dt), vt)
+        ptr = _element_vector(context, builder, ary, args[4], args[5])
         v = builder.load(ptr, align=1)
         name = f"llvm.fma.v{LANES}{'f64' if dt.bitwidth == 64 else 'f32'}"
         fma = cgutils.get_or_insert_function(
@@ -336,7 +349,7 @@ def _tile_fma(typingctx, tile, row, coef, ary, offset):
         builder.store(builder.call(fma, [c, v, builder.load(slot)]), slot)
         return context.get_dummy_value()
 
-    return types.void(tile, row, coef, ary, offset), codegen
+    return types.void(tile, row, cary, coff, ary, offset), codegen
 
 
 @intrinsic
@@ -460,68 +473,96 @@ def _step_lanes(typingctx, new, theta, grad, coef, rate, offset, diagonal):
     return sig, codegen
 
 
-@intrinsic
-def _gather_lanes(typingctx, out, offset, x, rows, first, stride, column, count):
-    """out[offset + l] = x[rows[first + l] * stride + column] for l < count.
+def _interleave_masks(width):
+    # Shuffle masks that interleave blocks of ``width`` entries of two vectors:
+    # (a0 b0 a2 b2 ..., a1 b1 a3 b3 ...) for blocks a0 a1 ... and b0 b1 ...
+    low, high = [], []
+    for start in range(0, LANES, 2 * width):
+        low += [start + k for k in range(width)]
+        low += [LANES + start + k for k in range(width)]
+        high += [start + width + k for k in range(width)]
+        high += [LANES + start + width + k for k in range(width)]
+    return low, high
 
-    Lanes count..LANES-1 of the output are set to zero; ``rows`` is read only
-    for l < count.  One masked vector gather.
+
+@intrinsic
+def _transpose_block(typingctx, dst_ary, dst, dst_ld, src_ary, src, src_ld):
+    """dst[c, r] = src[r, c] for an 8 x 8 block (LANES x LANES), in registers.
+
+    Row r of the source block starts at ``src + r src_ld``, row c of the
+    destination at ``dst + c dst_ld``.  Three rounds of shuffles interleave
+    pairs of rows by single entries, pairs and quadruples.
     """
 
     def codegen(context, builder, sig, args):
-        out_v, off_v, x_v, rows_v, first_v, stride_v, col_v, count_v = args
-        dt = out.dtype
-        vt = _vector_type(context, dt)
-        i32, i64 = llir.IntType(32), llir.IntType(64)
-        iv = llir.VectorType(i64, LANES)
-        mask = builder.icmp_signed(
-            "<", llir.Constant(iv, list(range(LANES))), _splat(builder, count_v, iv)
-        )
-
-        # row indices of the active lanes
-        rows_a = context.make_array(rows)(context, builder, rows_v)
-        rptr = builder.bitcast(
-            builder.gep(rows_a.data, [first_v]), llir.PointerType(iv)
-        )
-        load = cgutils.get_or_insert_function(
-            builder.module,
-            llir.FunctionType(iv, [rptr.type, i32, mask.type, iv]),
-            "llvm.masked.load.v8i64.p0",
-        )
-        r = builder.call(
-            load, [rptr, llir.Constant(i32, 8), mask, llir.Constant(iv, [0] * LANES)]
-        )
-
-        # addresses x + (row * stride + column) * itemsize, then the gather
-        size = dt.bitwidth // 8
-        x_a = context.make_array(x)(context, builder, x_v)
-        base = _splat(builder, builder.ptrtoint(x_a.data, i64), iv)
-        pos = builder.add(
-            builder.mul(r, _splat(builder, stride_v, iv)), _splat(builder, col_v, iv)
-        )
-        addr = builder.add(
-            base, builder.mul(pos, _splat(builder, llir.Constant(i64, size), iv))
-        )
-        ptrs = builder.inttoptr(
-            addr, llir.VectorType(llir.PointerType(vt.element), LANES)
-        )
-        name = f"llvm.masked.gather.v{LANES}{'f64' if size == 8 else 'f32'}.v8p0"
-        gather = cgutils.get_or_insert_function(
-            builder.module,
-            llir.FunctionType(vt, [ptrs.type, i32, mask.type, vt]),
-            name,
-        )
-        v = builder.call(
-            gather,
-            [ptrs, llir.Constant(i32, size), mask, llir.Constant(vt, [0.0] * LANES)],
-        )
-        out_a = context.make_array(out)(context, builder, out_v)
-        optr = builder.bitcast(builder.gep(out_a.data, [off_v]), llir.PointerType(vt))
-        builder.store(v, optr, align=1)
+        d_ary, d_v, d_ld, s_ary, s_v, s_ld = args
+        i32 = llir.IntType(32)
+        rows = []
+        for r in range(LANES):
+            off = builder.add(s_v, builder.mul(s_ld, llir.Constant(s_ld.type, r)))
+            ptr = _element_vector(context, builder, src_ary, s_ary, off)
+            rows.append(builder.load(ptr, align=1))
+        width = 1
+        while width < LANES:
+            low, high = _interleave_masks(width)
+            lo_m = llir.Constant(llir.VectorType(i32, LANES), low)
+            hi_m = llir.Constant(llir.VectorType(i32, LANES), high)
+            out = list(rows)
+            for r in range(LANES):
+                if r & width:
+                    continue
+                a, b = rows[r], rows[r + width]
+                out[r] = builder.shuffle_vector(a, b, lo_m)
+                out[r + width] = builder.shuffle_vector(a, b, hi_m)
+            rows = out
+            width *= 2
+        for c in range(LANES):
+            off = builder.add(d_v, builder.mul(d_ld, llir.Constant(d_ld.type, c)))
+            ptr = _element_vector(context, builder, dst_ary, d_ary, off)
+            builder.store(rows[c], ptr, align=1)
         return context.get_dummy_value()
 
-    sig = types.void(out, offset, x, rows, first, stride, column, count)
+    sig = types.void(dst_ary, dst, dst_ld, src_ary, src, src_ld)
     return sig, codegen
+
+
+@intrinsic
+def _row_sums_add(typingctx, tile, row, src_ary, src, src_ld):
+    """tile[row, u] += sum_c src[u, c] over an 8 x 8 block (LANES x LANES).
+
+    Row u of the block starts at ``src + u src_ld``.  Pairs of rows are
+    interleaved and added three times (entries, pairs, quadruples), which
+    leaves the sum of row u in lane u; each row is summed pairwise.
+    """
+
+    def codegen(context, builder, sig, args):
+        dt = tile.dtype
+        i32 = llir.IntType(32)
+        t_v, r_v, s_ary, s_v, s_ld = args
+        vecs = []
+        for r in range(LANES):
+            off = builder.add(s_v, builder.mul(s_ld, llir.Constant(s_ld.type, r)))
+            ptr = _element_vector(context, builder, src_ary, s_ary, off)
+            vecs.append(builder.load(ptr, align=1))
+        width = 1
+        while len(vecs) > 1:
+            low, high = _interleave_masks(width)
+            lo_m = llir.Constant(llir.VectorType(i32, LANES), low)
+            hi_m = llir.Constant(llir.VectorType(i32, LANES), high)
+            pairs = zip(vecs[0::2], vecs[1::2])
+            vecs = [
+                builder.fadd(
+                    builder.shuffle_vector(a, b, lo_m),
+                    builder.shuffle_vector(a, b, hi_m),
+                )
+                for a, b in pairs
+            ]
+            width *= 2
+        slot = _tile_slot(context, builder, t_v, r_v, dt)
+        builder.store(builder.fadd(builder.load(slot), vecs[0]), slot)
+        return context.get_dummy_value()
+
+    return types.void(tile, row, src_ary, src, src_ld), codegen
 
 
 # -- small matrix products -------------------------------------------------------
@@ -542,14 +583,14 @@ def _tile8(out, r, c, init, C, V, nj):
     for j in range(nj):
         cp = co + r * cr + j * cj
         vp = V[1] + j * V[2] + c
-        _tile_fma(tile, 0, ca[cp], va, vp)
-        _tile_fma(tile, 1, ca[cp + cr], va, vp)
-        _tile_fma(tile, 2, ca[cp + 2 * cr], va, vp)
-        _tile_fma(tile, 3, ca[cp + 3 * cr], va, vp)
-        _tile_fma(tile, 4, ca[cp + 4 * cr], va, vp)
-        _tile_fma(tile, 5, ca[cp + 5 * cr], va, vp)
-        _tile_fma(tile, 6, ca[cp + 6 * cr], va, vp)
-        _tile_fma(tile, 7, ca[cp + 7 * cr], va, vp)
+        _tile_fma(tile, 0, ca, cp, va, vp)
+        _tile_fma(tile, 1, ca, cp + cr, va, vp)
+        _tile_fma(tile, 2, ca, cp + 2 * cr, va, vp)
+        _tile_fma(tile, 3, ca, cp + 3 * cr, va, vp)
+        _tile_fma(tile, 4, ca, cp + 4 * cr, va, vp)
+        _tile_fma(tile, 5, ca, cp + 5 * cr, va, vp)
+        _tile_fma(tile, 6, ca, cp + 6 * cr, va, vp)
+        _tile_fma(tile, 7, ca, cp + 7 * cr, va, vp)
     base = oo + r * ld + c
     for u in range(8):
         _tile_store(tile, u, o, base + u * ld)
@@ -569,10 +610,10 @@ def _tile4(out, r, c, init, C, V, nj):
     for j in range(nj):
         cp = co + r * cr + j * cj
         vp = V[1] + j * V[2] + c
-        _tile_fma(tile, 0, ca[cp], va, vp)
-        _tile_fma(tile, 1, ca[cp + cr], va, vp)
-        _tile_fma(tile, 2, ca[cp + 2 * cr], va, vp)
-        _tile_fma(tile, 3, ca[cp + 3 * cr], va, vp)
+        _tile_fma(tile, 0, ca, cp, va, vp)
+        _tile_fma(tile, 1, ca, cp + cr, va, vp)
+        _tile_fma(tile, 2, ca, cp + 2 * cr, va, vp)
+        _tile_fma(tile, 3, ca, cp + 3 * cr, va, vp)
     base = oo + r * ld + c
     _tile_store(tile, 0, o, base)
     _tile_store(tile, 1, o, base + ld)
@@ -588,7 +629,7 @@ def _tile1(out, r, c, init, C, V, nj):
     tile = _tile_new(o)
     _tile_fill(tile, 0, init[0][init[1] + r])
     for j in range(nj):
-        _tile_fma(tile, 0, ca[co + r * cr + j * cj], V[0], V[1] + j * V[2] + c)
+        _tile_fma(tile, 0, ca, co + r * cr + j * cj, V[0], V[1] + j * V[2] + c)
     _tile_store(tile, 0, o, oo + r * ld + c)
 
 
@@ -600,14 +641,19 @@ def matmul_rows(out, init, C, V, rows, cols, nj):
     operands as described above.  ``C`` may have any strides (its entries are
     broadcast).
     Columns beyond the last multiple of :data:`LANES` are summed one by one.
+
+    Rows go by tiles of 8 rows where 8 rows of accumulators fit in the vector
+    registers (float32, or any dtype with 512-bit registers), else by tiles of
+    4 rows; then 4 and 1.
     """
     full = cols - cols % LANES
     r = 0
-    while r + 8 <= rows:
-        for c in range(0, full, LANES):
-            _tile8(out, r, c, init, C, V, nj)
-        r += 8
-    if r + 4 <= rows:
+    if WIDE_REGISTERS or out[0].itemsize <= 4:
+        while r + 8 <= rows:
+            for c in range(0, full, LANES):
+                _tile8(out, r, c, init, C, V, nj)
+            r += 8
+    while r + 4 <= rows:
         for c in range(0, full, LANES):
             _tile4(out, r, c, init, C, V, nj)
         r += 4
@@ -661,18 +707,39 @@ def _derivative(work, d, z, count, code, slope):
 
 
 @njit(**JIT)
-def _transpose(work, src, ld, dst, rows, cols):
-    # dst[c, r] = src[r, c] for r < rows, c < cols (src rows ``ld`` apart, dst
-    # rows ``rows`` apart), each dst row assembled and stored by vectors.
+def _transpose(dst_ary, dst, dst_ld, src_ary, src, src_ld, rows, cols):
+    # dst[c, r] = src[r, c] for r < rows, c < cols (rows of src ``src_ld``
+    # apart, rows of dst ``dst_ld`` apart): 8 x 8 blocks in registers, then
+    # the edges entry by entry.
+    rfull = rows - rows % LANES
+    cfull = cols - cols % LANES
+    for r0 in range(0, rfull, LANES):
+        for c0 in range(0, cfull, LANES):
+            d, s = dst + c0 * dst_ld + r0, src + r0 * src_ld + c0
+            _transpose_block(dst_ary, d, dst_ld, src_ary, s, src_ld)
+    for r in range(rows):
+        for c in range(cfull if r < rfull else 0, cols):
+            dst_ary[dst + c * dst_ld + r] = src_ary[src + r * src_ld + c]
+
+
+@njit(**JIT)
+def _row_sums(work, out, src, ld, rows, cols):
+    # out[r] = sum_c src[r, c] for r < rows, c < cols (a multiple of LANES;
+    # rows of src ``ld`` apart): 8 rows at a time by vectors, the rows left
+    # over entry by entry.
     tile = _tile_new(work)
     full = rows - rows % LANES
-    for c in range(cols):
-        for r0 in range(0, full, LANES):
-            for lane in range(LANES):
-                _tile_set(tile, 0, lane, work[src + (r0 + lane) * ld + c])
-            _tile_store(tile, 0, work, dst + c * rows + r0)
-        for r in range(full, rows):
-            work[dst + c * rows + r] = work[src + r * ld + c]
+    for r0 in range(0, full, LANES):
+        _tile_fill(tile, 0, 0.0)
+        for c0 in range(0, cols, LANES):
+            _row_sums_add(tile, 0, work, src + r0 * ld + c0, ld)
+        _tile_store(tile, 0, work, out + r0)
+    zero = work.dtype.type(0.0)
+    for r in range(full, rows):
+        s = zero
+        for c in range(cols):
+            s += work[src + r * ld + c]
+        work[out + r] = s
 
 
 @njit(**JIT)
@@ -727,12 +794,8 @@ def _fused_forward(theta, x, y, idx, nb, plan, fpar, work, scale):
     xT = _ws(plan, WS_XT)
     xs = _ws(plan, WS_XS)
 
-    # batch inputs: feature-major xT[q, b] = x[idx[b], q] with zero padding,
-    # and sample-major rows xs[b] = x[idx[b]]
-    for b0 in range(0, bp, LANES):
-        count = min(LANES, nb - b0)
-        for q in range(n0):
-            _gather_lanes(work, xT + q * bp + b0, x, idx, b0, n0, q, count)
+    # batch inputs: sample-major rows xs[b] = x[idx[b]], zero rows up to bp,
+    # then feature-major xT[q, b] = xs[b, q] by transposed blocks
     full = n0 - n0 % LANES
     for b in range(nb):
         src = idx[b] * n0
@@ -740,6 +803,9 @@ def _fused_forward(theta, x, y, idx, nb, plan, fpar, work, scale):
             _copy_lanes(work, xs + b * n0 + q, x, src + q)
         for q in range(full, n0):
             work[xs + b * n0 + q] = x[src + q]
+    for q in range(nb * n0, bp * n0):
+        work[xs + q] = 0.0
+    _transpose(work, xT, bp, work, xs, n0, bp, n0)
 
     # forward pass: zT = W aT_prev + b, aT = sigma(zT), a_s = aT transposed
     prev = xT
@@ -754,7 +820,7 @@ def _fused_forward(theta, x, y, idx, nb, plan, fpar, work, scale):
             aT = _ws(plan, WS_LAYERS + WS_PER_LAYER * l + 1)
             a_s = _ws(plan, WS_LAYERS + WS_PER_LAYER * l + 2)
             _activate(work, zT, aT, n * bp, code, slope)
-            _transpose(work, aT, bp, a_s, n, nb)
+            _transpose(work, a_s, n, work, aT, bp, n, bp)
             prev = aT
 
     # loss and error factor of the output layer
@@ -805,13 +871,8 @@ def fused_gradient(theta, x, y, idx, nb, plan, fpar, work):
             nb,
         )
 
-        # dL/db = row sums of dT
-        gb = grad + _b_off(plan, l)
-        for i in range(n):
-            s = 0.0
-            for b in range(nb):
-                s += work[dT + i * bp + b]
-            work[gb + i] = s
+        # dL/db = row sums of dT (its padding columns are zero)
+        _row_sums(work, grad + _b_off(plan, l), dT, bp, n, bp)
 
         # dT_prev = (W^T dT) * sigma'(zT_prev)
         if l > 0:
