@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -22,6 +23,12 @@ DIRECTIVES = {
 OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 
+# NumPy's headers, and its static library of random distributions (the
+# training loop draws its shuffles with numpy.random's own C functions).
+NUMPY_INCLUDE = np.get_include()
+NUMPY_RANDOM_LIB = str(Path(NUMPY_INCLUDE).parent.parent / "random" / "lib")
+
+
 def extensions():
     root = Path(__file__).parent
     mods = []
@@ -32,6 +39,9 @@ def extensions():
             Extension(
                 name,
                 [str(rel)],
+                include_dirs=[NUMPY_INCLUDE],
+                library_dirs=[NUMPY_RANDOM_LIB],
+                libraries=["npyrandom"],
                 extra_compile_args=["-O3", *OPENMP],
                 extra_link_args=OPENMP,
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

@@ -293,6 +293,35 @@ def test_every_sample_once_per_epoch(P, batch_size, policy):
     assert not np.array_equal(epochs[0], epochs[1])
 
 
+@pytest.mark.parametrize("P,batch_size", [(1, 1), (2, 1), (37, 5), (512, 8)])
+def test_shuffles_are_numpys_permutations(P, batch_size):
+    # epoch e's order is the e-th Generator.permutation(P) of the seeded
+    # generator, whether the steps are asked for one run or in pieces, and the
+    # recorded state is the generator's state at the start of the epoch
+    per_epoch = -(-P // batch_size)
+    numpy_rng = np.random.default_rng(9)
+    perms, states = [], []
+    for _ in range(7):
+        states.append(numpy_rng.bit_generator.state)
+        perms.append(numpy_rng.permutation(P))
+    schedule = train_mod._Schedule(P, batch_size, per_epoch, 9)
+    cuts = [0, 1, 3 * per_epoch + 1, 3 * per_epoch + 2, 7 * per_epoch]
+    for t0, t1 in zip(cuts[:-1], cuts[1:]):
+        if t1 <= t0:
+            continue
+        order, starts, sizes = schedule.batches(t0, t1)
+        for t in range(t0, t1):
+            epoch, pos = divmod(t, per_epoch)
+            want = perms[epoch][pos * batch_size : (pos + 1) * batch_size]
+            s = t - t0
+            np.testing.assert_array_equal(order[starts[s] : starts[s] + sizes[s]], want)
+        epoch, state = schedule.state_at(t1 - 1)
+        assert epoch == (t1 - 1) // per_epoch
+        assert state == states[epoch]
+    with pytest.raises(RuntimeError, match="in order"):
+        schedule.batches(0, 1)
+
+
 def test_epochs_count_steps(rng):
     net, params, x, y = _problem(rng)
     _, hist = fastntk.train(

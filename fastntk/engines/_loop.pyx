@@ -1,5 +1,8 @@
 """The training step loop, without the GIL.
 
+The module also draws the shuffles of stochastic gradient descent
+(:func:`permutations`).
+
 Python hands a run of steps to :func:`run_steps` (one thread) or
 :func:`run_parts` (a team of threads), with the parameters in two buffers:
 each step reads one and writes the other, so the parameters before the last
@@ -16,11 +19,17 @@ as much as a whole step of a small network.  Within the run the threads meet
 at barriers that spin briefly before yielding the processor.
 """
 
+cimport numpy as cnp
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from cython.parallel cimport parallel, threadid
 from libc.math cimport NAN, isfinite
 from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport free, malloc
+from numpy.random cimport bitgen_t
+from numpy.random.c_distributions cimport random_interval
 from scipy.linalg cimport cython_blas as blas
+
+import numpy as np
 
 from cython cimport floating
 
@@ -268,3 +277,30 @@ def run_parts(uintptr_t part_kernel, uintptr_t update_kernel,
                 part_stride, &barrier, losses, &done, values)
     free(losses)
     return done, values[0], (values[1] if done < n_steps else None), done % 2 == 1
+
+
+def permutations(bit_generator, int64_t n, int64_t count):
+    """``count`` successive shuffles of ``range(n)`` drawn from ``bit_generator``.
+
+    Row e of the (count, n) int64 result is what
+    ``numpy.random.Generator(bit_generator).permutation(n)`` would return as
+    its e-th call: the same Fisher-Yates shuffle (the entry swapped into place
+    i, for i = n - 1 down to 1, drawn by numpy's ``random_interval``), run in
+    C instead of one NumPy call per shuffle.  The caller holds the bit
+    generator's lock.
+    """
+    cdef bitgen_t* rng = <bitgen_t*>PyCapsule_GetPointer(
+        bit_generator.capsule, "BitGenerator")
+    out = np.empty((count, n), dtype=np.int64)
+    cdef int64_t[:, ::1] perm = out
+    cdef int64_t e, i, j, t
+    with nogil:
+        for e in range(count):
+            for i in range(n):
+                perm[e, i] = i
+            for i in range(n - 1, 0, -1):
+                j = <int64_t>random_interval(rng, <cnp.uint64_t>i)
+                t = perm[e, j]
+                perm[e, j] = perm[e, i]
+                perm[e, i] = t
+    return out

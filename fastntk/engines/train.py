@@ -668,8 +668,10 @@ class _Schedule:
     """Which samples each step uses.
 
     Full batch: every step uses all samples in order (``batches`` returns None).
-    SGD: epoch e draws ``rng.permutation(P)`` from one PCG64 generator seeded
-    with ``seed``; step t of the run is batch ``t % steps_per_epoch`` of epoch
+    SGD: epoch e's shuffle is the e-th ``rng.permutation(P)`` of one PCG64
+    generator seeded with ``seed`` (drawn in C by
+    :func:`fastntk.engines._loop.permutations`, the same numbers as NumPy's);
+    step t of the run is batch ``t % steps_per_epoch`` of epoch
     ``t // steps_per_epoch``.  The generator's state at the start of the current
     epoch is what checkpoints store.
     """
@@ -688,26 +690,41 @@ class _Schedule:
         self.rng.bit_generator.state = rng_state
         self.epoch = epoch - 1
         self.epoch_state = rng_state
+        self.perm = None
 
-    def _permutation(self, epoch):
-        # The shuffle of ``epoch``: drawn in epoch order, the current one kept.
-        while self.epoch < epoch:
-            self.epoch_state = self.rng.bit_generator.state
-            self.perm = self.rng.permutation(self.P).astype(np.int64)
-            self.epoch += 1
-        if epoch != self.epoch:
+    def _shuffles(self, e0, e1):
+        """The shuffles of epochs e0..e1 as rows of an int64 array.
+
+        Shuffles are drawn in epoch order and only the current one is kept, so
+        e0 is the current epoch or a later one.
+        """
+        if e0 < self.epoch or (e0 == self.epoch and self.perm is None):
             raise RuntimeError(
-                f"schedule: epoch {epoch} requested after epoch {self.epoch}; "
+                f"schedule: epoch {e0} requested after epoch {self.epoch}; "
                 f"shuffles are drawn in order only"
             )
-        return self.perm
+        kept = [self.perm[None]] if e0 == self.epoch else []
+        if e1 > self.epoch:
+            from fastntk.engines import _loop
+
+            bits = self.rng.bit_generator
+            with bits.lock:
+                # All new epochs in one call but the last, whose starting
+                # state is the one a checkpoint records.
+                head = _loop.permutations(bits, self.P, e1 - self.epoch - 1)
+                self.epoch_state = bits.state
+                last = _loop.permutations(bits, self.P, 1)
+            start = max(e0 - self.epoch - 1, 0)
+            kept += [head[start:], last]
+            self.epoch, self.perm = e1, last[0]
+        return np.concatenate(kept) if len(kept) > 1 else kept[0]
 
     def state_at(self, step):
         """(epoch, generator state at its start) for the step ``step``."""
         if self.B is None:
             return step, None
         epoch = step // self.per_epoch
-        self._permutation(epoch)
+        self._shuffles(epoch, epoch)
         return epoch, self.epoch_state
 
     def batch(self, step):
@@ -716,7 +733,7 @@ class _Schedule:
             return None
         epoch, pos = divmod(step, self.per_epoch)
         start = pos * self.B
-        return self._permutation(epoch)[start : min(start + self.B, self.P)]
+        return self._shuffles(epoch, epoch)[0, start : min(start + self.B, self.P)]
 
     def batches(self, t0, t1):
         """Samples of the steps t0..t1-1 as (order, starts, sizes).
@@ -733,7 +750,7 @@ class _Schedule:
             )
         e0 = t0 // self.per_epoch
         e1 = (t1 - 1) // self.per_epoch
-        order = np.concatenate([self._permutation(e) for e in range(e0, e1 + 1)])
+        order = self._shuffles(e0, e1).reshape(-1)
         epoch, pos = np.divmod(steps, self.per_epoch)
         starts = (epoch - e0) * self.P + pos * self.B
         sizes = np.minimum(self.B, self.P - pos * self.B)
