@@ -177,6 +177,10 @@ def connect(
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
+            # no dashboard; the scheduler's small HTTP server (health checks)
+            # listens on a free local port rather than on the dashboard's
+            # usual 8787, which another cluster may hold
+            scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
             env=thread_environment(threads_per_worker),
         )
     try:
