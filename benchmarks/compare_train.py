@@ -18,8 +18,12 @@ compared with the NumPy loop's.  Each timing is the median over ``--repeat``
 runs of a whole training, after one warm-up run (compilation); the runs go in
 rounds, every framework once per round, each after a short pause
 (:func:`settle`).  The table gives microseconds per step, steps per second,
-the speed-up of fastntk over each framework and the relative difference of
-the final loss.
+the speed-up of fastntk over each framework, the relative difference of
+the final loss, and GFLOP/s from the operation count of a step (matrix
+products only: forward, weight gradients, and input gradients of every layer
+but the first) with their fraction of the machine's BLAS GEMM rate, measured
+in the same rounds.  A step made of matrix products cannot run faster than
+that rate, which bounds any framework's lead on the full-batch workload.
 
 Run from the repository root (after ``python setup.py build_ext --inplace``)::
 
@@ -37,6 +41,7 @@ import sys
 import time
 
 import numpy as np
+from compare_ntk import gemm_function
 
 import fastntk
 from fastntk.engines.train import _Schedule
@@ -88,6 +93,16 @@ def problem(name, dtype):
         batches = np.stack([order[s : s + w["batch"]] for s in starts])
         assert np.all(sizes == w["batch"])
     return net, params, x, y, batches
+
+
+def step_flops(name):
+    """Floating-point operations of the matrix products of one training step."""
+    w = WORKLOADS[name]
+    rows = w["P"] if w["batch"] is None else w["batch"]
+    pairs = list(zip(w["widths"][:-1], w["widths"][1:]))
+    forward = sum(k * n for k, n in pairs)
+    backward = forward + sum(k * n for k, n in pairs[1:])
+    return 2.0 * rows * (forward + backward)
 
 
 def final_loss(net, weights, biases, x, y):
@@ -292,34 +307,46 @@ def main(argv=None):
             # affects all of them alike
             for fw in present:
                 CONTESTANTS[fw](net, params, x, y, batches, w)
+            gemm, gemm_flops = gemm_function(dtype)
+            gemm()
             times = {fw: [] for fw in present}
+            gemm_times = []
             losses = {}
             for _ in range(args.repeat):
                 for fw in present:
                     settle()
                     seconds, losses[fw] = CONTESTANTS[fw](net, params, x, y, batches, w)
                     times[fw].append(seconds)
+                settle()
+                t0 = time.perf_counter()
+                gemm()
+                gemm_times.append(time.perf_counter() - t0)
             results = {
                 fw: (statistics.median(times[fw]) / w["steps"] * 1e6, losses[fw])
                 for fw in present
             }
-            rows.append((name, dtype, results))
+            gemm_rate = gemm_flops / statistics.median(gemm_times) / 1e9
+            rows.append((name, dtype, results, gemm_rate))
 
     # table: us/step, steps/s, fastntk speed-up, final loss vs the NumPy loop
     print(
         f"{'workload':8} {'dtype':8} {'framework':10} {'us/step':>10} "
-        f"{'steps/s':>10} {'fastntk x':>10} {'loss rel. diff':>15}"
+        f"{'steps/s':>10} {'fastntk x':>10} {'loss rel. diff':>15} "
+        f"{'GFLOP/s':>8} {'of GEMM':>7}"
     )
-    for name, dtype, results in rows:
+    for name, dtype, results, gemm_rate in rows:
         base = results.get("numpy", (None, None))[1]
         ours = results.get("fastntk", (None, None))[0]
+        flops = step_flops(name)
         for fw, (us, loss) in results.items():
             speedup = f"{us / ours:10.2f}" if ours else f"{'-':>10}"
             diff = abs(loss - base) / abs(base) if base else float("nan")
+            rate = flops / us / 1e3
             print(
                 f"{name:8} {dtype:8} {fw:10} {us:10.2f} {1e6 / us:10.0f} "
-                f"{speedup} {diff:15.2e}"
+                f"{speedup} {diff:15.2e} {rate:8.1f} {rate / gemm_rate:7.0%}"
             )
+        print(f"{name:8} {dtype:8} {'GEMM':10} {'':>48} {gemm_rate:8.1f}")
         others = [us for fw, (us, _) in results.items() if fw != "fastntk"]
         if ours and others:
             print(
