@@ -41,10 +41,14 @@ import sys
 import time
 
 import numpy as np
-from compare_ntk import gemm_function
 
 import fastntk
 from fastntk.engines.train import _Schedule
+
+try:  # imported by the asv suite as part of the benchmarks package
+    from .compare_ntk import gemm_function
+except ImportError:  # run as a script from the repository root
+    from compare_ntk import gemm_function
 
 WORKLOADS = {
     "gd": dict(widths=[64, 128, 128, 10], P=512, batch=None, steps=500, lr=0.05),
