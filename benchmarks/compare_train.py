@@ -17,9 +17,9 @@ mini-batches (fastntk's seeded schedule); the final training loss of each is
 compared with the NumPy loop's.  Each timing is the median over ``--repeat``
 runs of a whole training, after one warm-up run (compilation); the runs go in
 rounds, every framework once per round, each after a short pause
-(:func:`settle`).  The table gives microseconds per step, steps per second,
-the speed-up of fastntk over each framework, the relative difference of
-the final loss, and GFLOP/s from the operation count of a step (matrix
+(``compare_ntk.settle``).  The table gives microseconds per step, steps per
+second, the speed-up of fastntk over each framework, the relative difference
+of the final loss, and GFLOP/s from the operation count of a step (matrix
 products only: forward, weight gradients, and input gradients of every layer
 but the first) with their fraction of the machine's BLAS GEMM rate, measured
 in the same rounds.  A step made of matrix products cannot run faster than
@@ -46,32 +46,15 @@ import fastntk
 from fastntk.engines.train import _Schedule
 
 try:  # imported by the asv suite as part of the benchmarks package
-    from .compare_ntk import gemm_function
+    from .compare_ntk import gemm_function, settle
 except ImportError:  # run as a script from the repository root
-    from compare_ntk import gemm_function
+    from compare_ntk import gemm_function, settle
 
 WORKLOADS = {
     "gd": dict(widths=[64, 128, 128, 10], P=512, batch=None, steps=500, lr=0.05),
     "sgd": dict(widths=[64, 16, 16, 1], P=512, batch=8, steps=5000, lr=0.01),
 }
 SEED = 0
-
-#: Seconds of waiting before each timing (see :func:`settle`).
-SETTLE_SECONDS = 0.25
-
-
-def settle():
-    """Wait before a timing, for the previous one's worker threads to go idle.
-
-    BLAS, OpenMP and XLA worker threads poll for new work for up to about
-    0.1 s after each call, slowing whatever runs next.  The wait spins rather
-    than sleeps: on virtual machines a processor left idle comes back slowly
-    (a 15 ms single-threaded run measured 2.8 us per step after a spin, 4.3
-    after a sleep).
-    """
-    end = time.perf_counter() + SETTLE_SECONDS
-    while time.perf_counter() < end:
-        pass
 
 
 def problem(name, dtype):

@@ -485,6 +485,16 @@ def _interleave_masks(width):
     return low, high
 
 
+def _load_rows(context, builder, aryty, ary, start, ld):
+    # The LANES rows of a LANES x LANES block, row r starting at start + r ld.
+    rows = []
+    for r in range(LANES):
+        off = builder.add(start, builder.mul(ld, llir.Constant(ld.type, r)))
+        ptr = _element_vector(context, builder, aryty, ary, off)
+        rows.append(builder.load(ptr, align=1))
+    return rows
+
+
 @intrinsic
 def _transpose_block(typingctx, dst_ary, dst, dst_ld, src_ary, src, src_ld):
     """dst[c, r] = src[r, c] for an 8 x 8 block (LANES x LANES), in registers.
@@ -497,11 +507,7 @@ def _transpose_block(typingctx, dst_ary, dst, dst_ld, src_ary, src, src_ld):
     def codegen(context, builder, sig, args):
         d_ary, d_v, d_ld, s_ary, s_v, s_ld = args
         i32 = llir.IntType(32)
-        rows = []
-        for r in range(LANES):
-            off = builder.add(s_v, builder.mul(s_ld, llir.Constant(s_ld.type, r)))
-            ptr = _element_vector(context, builder, src_ary, s_ary, off)
-            rows.append(builder.load(ptr, align=1))
+        rows = _load_rows(context, builder, src_ary, s_ary, s_v, s_ld)
         width = 1
         while width < LANES:
             low, high = _interleave_masks(width)
@@ -539,11 +545,7 @@ def _row_sums_add(typingctx, tile, row, src_ary, src, src_ld):
         dt = tile.dtype
         i32 = llir.IntType(32)
         t_v, r_v, s_ary, s_v, s_ld = args
-        vecs = []
-        for r in range(LANES):
-            off = builder.add(s_v, builder.mul(s_ld, llir.Constant(s_ld.type, r)))
-            ptr = _element_vector(context, builder, src_ary, s_ary, off)
-            vecs.append(builder.load(ptr, align=1))
+        vecs = _load_rows(context, builder, src_ary, s_ary, s_v, s_ld)
         width = 1
         while len(vecs) > 1:
             low, high = _interleave_masks(width)
