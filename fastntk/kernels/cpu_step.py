@@ -474,15 +474,17 @@ def _step_lanes(typingctx, new, theta, grad, coef, rate, offset, diagonal):
 
 
 def _interleave_masks(width):
-    # Shuffle masks that interleave blocks of ``width`` entries of two vectors:
-    # (a0 b0 a2 b2 ..., a1 b1 a3 b3 ...) for blocks a0 a1 ... and b0 b1 ...
+    # Shuffle masks (LLVM constants) that interleave blocks of ``width``
+    # entries of two vectors: (a0 b0 a2 b2 ..., a1 b1 a3 b3 ...) for blocks
+    # a0 a1 ... and b0 b1 ...
     low, high = [], []
     for start in range(0, LANES, 2 * width):
         low += [start + k for k in range(width)]
         low += [LANES + start + k for k in range(width)]
         high += [start + width + k for k in range(width)]
         high += [LANES + start + width + k for k in range(width)]
-    return low, high
+    mask = llir.VectorType(llir.IntType(32), LANES)
+    return llir.Constant(mask, low), llir.Constant(mask, high)
 
 
 def _load_rows(context, builder, aryty, ary, start, ld):
@@ -506,13 +508,10 @@ def _transpose_block(typingctx, dst_ary, dst, dst_ld, src_ary, src, src_ld):
 
     def codegen(context, builder, sig, args):
         d_ary, d_v, d_ld, s_ary, s_v, s_ld = args
-        i32 = llir.IntType(32)
         rows = _load_rows(context, builder, src_ary, s_ary, s_v, s_ld)
         width = 1
         while width < LANES:
-            low, high = _interleave_masks(width)
-            lo_m = llir.Constant(llir.VectorType(i32, LANES), low)
-            hi_m = llir.Constant(llir.VectorType(i32, LANES), high)
+            lo_m, hi_m = _interleave_masks(width)
             out = list(rows)
             for r in range(LANES):
                 if r & width:
@@ -543,14 +542,11 @@ def _row_sums_add(typingctx, tile, row, src_ary, src, src_ld):
 
     def codegen(context, builder, sig, args):
         dt = tile.dtype
-        i32 = llir.IntType(32)
         t_v, r_v, s_ary, s_v, s_ld = args
         vecs = _load_rows(context, builder, src_ary, s_ary, s_v, s_ld)
         width = 1
         while len(vecs) > 1:
-            low, high = _interleave_masks(width)
-            lo_m = llir.Constant(llir.VectorType(i32, LANES), low)
-            hi_m = llir.Constant(llir.VectorType(i32, LANES), high)
+            lo_m, hi_m = _interleave_masks(width)
             pairs = zip(vecs[0::2], vecs[1::2])
             vecs = [
                 builder.fadd(
